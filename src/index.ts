@@ -1,0 +1,7 @@
+/** amalgam: the public API. */
+export * from './errors.js';
+export * from './tensor/dtype.js';
+export * from './io/source.js';
+export * from './io/safetensors.js';
+export { parseStrictJson, StrictJsonError } from './io/strict-json.js';
+export type { JsonValue } from './io/strict-json.js';
