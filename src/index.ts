@@ -3,5 +3,6 @@ export * from './errors.js';
 export * from './tensor/dtype.js';
 export * from './io/source.js';
 export * from './io/safetensors.js';
+export * from './io/atomic-dir.js';
 export { parseStrictJson, StrictJsonError } from './io/strict-json.js';
 export type { JsonValue } from './io/strict-json.js';

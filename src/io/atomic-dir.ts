@@ -1,0 +1,97 @@
+/**
+ * Output folders that appear under their final name only when complete: everything is written
+ * into a hidden staging folder beside the target, which `commit()` renames into place.
+ */
+import { mkdir, rename, rm, stat, readdir } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { AmalgamError } from '../errors.js';
+
+export interface StagingDirOptions {
+  /** Replace an existing target folder (default: refuse unless it is empty). */
+  overwrite?: boolean;
+}
+
+export class StagingDir {
+  private done = false;
+  private constructor(
+    readonly target: string,
+    readonly path: string,
+    private readonly overwrite: boolean,
+  ) {}
+
+  /** Create the staging folder. Fails early if the target exists and may not be replaced. */
+  static async create(target: string, opts: StagingDirOptions = {}): Promise<StagingDir> {
+    const abs = resolve(target);
+    await checkTarget(abs, !!opts.overwrite);
+    const parent = dirname(abs);
+    await mkdir(parent, { recursive: true });
+    const path = join(parent, `.${basename(abs)}.partial-${process.pid}-${randomBytes(4).toString('hex')}`);
+    await mkdir(path);
+    return new StagingDir(abs, path, !!opts.overwrite);
+  }
+
+  /** Path of a file inside the staging folder. */
+  file(name: string): string {
+    return join(this.path, name);
+  }
+
+  /** Move the finished folder to its final name. */
+  async commit(): Promise<string> {
+    if (this.done) throw new AmalgamError('E_USAGE', 'staging folder already committed or aborted', { file: this.target });
+    await checkTarget(this.target, this.overwrite);
+    let backup: string | undefined;
+    if (await exists(this.target)) {
+      backup = join(dirname(this.target), `.${basename(this.target)}.old-${process.pid}-${randomBytes(4).toString('hex')}`);
+      await rename(this.target, backup);
+    }
+    await rename(this.path, this.target);
+    if (backup) await rm(backup, { recursive: true, force: true });
+    this.done = true;
+    return this.target;
+  }
+
+  /** Remove the staging folder and everything in it. */
+  async abort(): Promise<void> {
+    if (this.done) return;
+    this.done = true;
+    await rm(this.path, { recursive: true, force: true });
+  }
+}
+
+async function exists(p: string): Promise<boolean> {
+  try {
+    await stat(p);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function checkTarget(target: string, overwrite: boolean): Promise<void> {
+  let st;
+  try {
+    st = await stat(target);
+  } catch {
+    return;
+  }
+  if (!st.isDirectory()) {
+    throw new AmalgamError('E_IO', 'output path exists and is not a folder', { file: target, hint: 'choose another output path' });
+  }
+  if (!overwrite && (await readdir(target)).length > 0) {
+    throw new AmalgamError('E_IO', 'output folder exists and is not empty', { file: target, hint: 'choose another output path or pass --overwrite' });
+  }
+}
+
+/** Run `fn` with a staging folder; commit on success, remove everything on failure. */
+export async function withStagingDir<T>(target: string, fn: (dir: StagingDir) => Promise<T>, opts: StagingDirOptions = {}): Promise<T> {
+  const dir = await StagingDir.create(target, opts);
+  try {
+    const out = await fn(dir);
+    await dir.commit();
+    return out;
+  } catch (e) {
+    await dir.abort();
+    throw e;
+  }
+}
