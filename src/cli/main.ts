@@ -1,0 +1,48 @@
+#!/usr/bin/env node
+/**
+ * The `amalgam` command line: a thin layer over the library. Each command parses its
+ * arguments, calls one library function and prints the result.
+ */
+import { Command, CommanderError } from 'commander';
+import { createRequire } from 'node:module';
+import { isAmalgamError } from '../errors.js';
+import { registerInspect } from './inspect.js';
+import { registerConvert } from './convert.js';
+import { registerDemo } from './demo.js';
+
+const require = createRequire(import.meta.url);
+const pkg = require('../../package.json') as { version: string };
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('amalgam')
+    .description('Merge fine-tuned language models: mergekit-compatible merges, LoRA, OSRM and DAM, in TypeScript.')
+    .version(pkg.version)
+    .showHelpAfterError('(run with --help for usage)');
+  registerDemo(program);
+  registerInspect(program);
+  registerConvert(program);
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  program.exitOverride();
+  try {
+    await program.parseAsync(argv);
+    return 0;
+  } catch (e) {
+    if (e instanceof CommanderError) return e.exitCode;
+    if (isAmalgamError(e)) {
+      process.stderr.write(`amalgam: error: ${e.message}\n`);
+      return 1;
+    }
+    process.stderr.write(`amalgam: unexpected error: ${(e as Error)?.stack ?? String(e)}\n`);
+    return 2;
+  }
+}
+
+main(process.argv).then((code) => {
+  process.exitCode = code;
+});
