@@ -6,3 +6,7 @@ export * from './io/safetensors.js';
 export * from './io/atomic-dir.js';
 export { parseStrictJson, StrictJsonError } from './io/strict-json.js';
 export type { JsonValue } from './io/strict-json.js';
+export * from './arch/index.js';
+export * from './io/hf.js';
+export * from './io/peft.js';
+export { Rng } from './tensor/rng.js';

@@ -1,8 +1,8 @@
 /**
  * A strict JSON parser for untrusted file headers. Unlike JSON.parse it rejects duplicate
  * object keys (which JSON.parse silently resolves to the last one) and bounds nesting depth,
- * so no input can exhaust the stack. Objects are returned with a null prototype, so keys such
- * as `__proto__` are plain data.
+ * so no input can exhaust the stack. Objects are ordinary objects; a key such as `__proto__` is
+ * stored as an own data property, never as the prototype.
  */
 export class StrictJsonError extends Error {
   constructor(message: string, readonly position: number, readonly key?: string) {
@@ -19,6 +19,17 @@ export interface StrictJsonOptions {
 }
 
 const isWs = (c: number) => c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d;
+
+/** Key order of every object the parser built (the engine lists integer-like keys first). */
+const KEY_ORDER = new WeakMap<object, string[]>();
+
+/**
+ * Keys of an object in the order they appear in the JSON text. `Object.keys` puts keys that look
+ * like array indices ("0", "10") first in numeric order, which loses the file's order.
+ */
+export function keysInOrder(obj: object): string[] {
+  return KEY_ORDER.get(obj) ?? Object.keys(obj);
+}
 
 export function parseStrictJson(text: string, opts: StrictJsonOptions = {}): JsonValue {
   const maxDepth = opts.maxDepth ?? 64;
@@ -95,8 +106,9 @@ export function parseStrictJson(text: string, opts: StrictJsonOptions = {}): Jso
     const c = text[i]!;
     if (c === '{') {
       i++;
-      const obj: { [k: string]: JsonValue } = Object.create(null);
+      const obj: { [k: string]: JsonValue } = {};
       const seen = new Set<string>();
+      KEY_ORDER.set(obj, []);
       skipWs();
       if (text[i] === '}') {
         i++;
@@ -111,7 +123,9 @@ export function parseStrictJson(text: string, opts: StrictJsonOptions = {}): Jso
         skipWs();
         if (text[i] !== ':') fail('expected ":"');
         i++;
-        obj[key] = parseValue(depth + 1);
+        const value = parseValue(depth + 1);
+        if (key === '__proto__') Object.defineProperty(obj, key, { value, enumerable: true, writable: true, configurable: true });
+        else obj[key] = value;
         skipWs();
         if (text[i] === ',') {
           i++;
@@ -119,6 +133,7 @@ export function parseStrictJson(text: string, opts: StrictJsonOptions = {}): Jso
         }
         if (text[i] === '}') {
           i++;
+          KEY_ORDER.set(obj, [...seen]);
           return obj;
         }
         fail('expected "," or "}"');
