@@ -17,3 +17,4 @@ export * from './tokenizer/hf.js';
 export * from './convert/permute.js';
 export * from './convert/names.js';
 export * from './convert/to-hf.js';
+export * from './config/index.js';
