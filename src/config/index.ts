@@ -23,7 +23,7 @@ export {
 } from './methods.js';
 export type { ParameterSpec, ParameterKind, ParameterValueType } from './methods.js';
 export { evaluateSetting, gradientPosition, ParameterResolver, resolveParameter } from './parameters.js';
-export type { TensorPosition, ParameterQuery, ResolveOptions } from './parameters.js';
+export type { TensorPosition, ParameterQuery, ParameterResolveOptions } from './parameters.js';
 export {
   sliceLayout,
   baseModelFor,

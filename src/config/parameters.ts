@@ -103,7 +103,7 @@ export interface ParameterQuery extends TensorPosition {
   inputTensor?: string;
 }
 
-export interface ResolveOptions {
+export interface ParameterResolveOptions {
   /** Used when no level sets the parameter; defaults to the method's default. */
   default?: ScalarValue;
   /** A missing value is an error; defaults to the method's table (base models exempt unless the table says otherwise). */
@@ -237,7 +237,7 @@ export class ParameterResolver {
    * The value with the method's default applied. A required parameter that is still unset is an
    * E_CONFIG error naming the model and the tensor.
    */
-  resolve(q: ParameterQuery, options: ResolveOptions = {}): ScalarValue | undefined {
+  resolve(q: ParameterQuery, options: ParameterResolveOptions = {}): ScalarValue | undefined {
     const loc = this.locate(q);
     const v = this.valueAt(q, loc);
     if (v !== undefined) return v;
@@ -290,6 +290,6 @@ export class ParameterResolver {
 }
 
 /** One parameter for one tensor (and model), with the method's default applied. */
-export function resolveParameter(config: MergeConfig, query: ParameterQuery, options?: ResolveOptions): ScalarValue | undefined {
+export function resolveParameter(config: MergeConfig, query: ParameterQuery, options?: ParameterResolveOptions): ScalarValue | undefined {
   return new ParameterResolver(config).resolve(query, options);
 }
