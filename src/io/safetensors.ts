@@ -9,9 +9,9 @@ import { open, rename, rm, stat, writeFile, readFile, type FileHandle } from 'no
 import { basename, dirname, isAbsolute, join, normalize, resolve, sep } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { AmalgamError } from '../errors.js';
-import { byteSize, decodeToF32, dtypeAlignment, encodeFromF32, isDType, numel, type DType } from '../tensor/dtype.js';
+import { bf16ToF32, byteSize, decodeToF32, dtypeAlignment, dtypeBits, encodeFromF32, f16ToF32, isDType, numel, type DType } from '../tensor/dtype.js';
 import { FileByteReader, ioError, MemoryByteReader, type ByteReader, type TensorInfo, type TensorSource } from './source.js';
-import { parseStrictJson, StrictJsonError, type JsonValue } from './strict-json.js';
+import { keysInOrder, parseStrictJson, StrictJsonError, type JsonValue } from './strict-json.js';
 
 /** The reference reader's cap on the header length. */
 export const MAX_HEADER_BYTES = 100_000_000;
@@ -34,7 +34,8 @@ export interface SafetensorsHeader {
   entries: SafetensorsEntry[];
 }
 
-const utf8 = new TextDecoder('utf-8', { fatal: true });
+// ignoreBOM keeps a leading U+FEFF in the text (the default strips it), so such a header is rejected.
+const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 
 /**
  * Validate and parse the 8-byte length prefix. Returns N.
@@ -83,7 +84,11 @@ export function parseHeaderBytes(headerBytes: Uint8Array, fileSize: number, file
   } catch (e) {
     if (e instanceof StrictJsonError) {
       if (e.key !== undefined) {
-        throw new AmalgamError('E_DUPLICATE', `header lists "${e.key}" more than once`, { file, key: e.key });
+        // Name the tensor (or __metadata__ key) whose entry repeats a key, not just the repeated key.
+        const [top, ...inner] = e.path;
+        if (top === undefined) throw new AmalgamError('E_DUPLICATE', `header lists "${e.key}" more than once`, { file, key: e.key });
+        if (top === '__metadata__') throw new AmalgamError('E_DUPLICATE', `__metadata__ lists "${e.key}" more than once`, { file, key: `__metadata__.${e.key}` });
+        throw new AmalgamError('E_DUPLICATE', `tensor entry lists "${[...inner, e.key].join('.')}" more than once`, { file, key: top });
       }
       throw new AmalgamError('E_HEADER', `header is not valid JSON: ${e.message}`, { file });
     }
@@ -97,13 +102,13 @@ export function parseHeaderBytes(headerBytes: Uint8Array, fileSize: number, file
   const entries: SafetensorsEntry[] = [];
   const dataSize = fileSize - dataStart;
 
-  for (const key of Object.keys(json)) {
+  for (const key of keysInOrder(json)) {
     const v = json[key]!;
     if (key === '__metadata__') {
       if (v === null || typeof v !== 'object' || Array.isArray(v)) {
         throw new AmalgamError('E_METADATA', '__metadata__ is not an object of strings', { file, key });
       }
-      for (const mk of Object.keys(v)) {
+      for (const mk of keysInOrder(v)) {
         const mv = (v as Record<string, JsonValue>)[mk];
         if (typeof mv !== 'string') {
           throw new AmalgamError('E_METADATA', `__metadata__ value for "${mk}" is ${describe(mv)}, not a string`, { file, key: `__metadata__.${mk}` });
@@ -183,7 +188,8 @@ function parseEntry(name: string, v: JsonValue, file: string, dataSize: number):
   }
   const bytes = byteSize(dtype, count);
   if (bytes === undefined) {
-    throw new AmalgamError('E_SHAPE', `shape ${JSON.stringify(shape)} of ${dtype} is not a whole number of bytes`, { file, key: name });
+    const what = Number.isSafeInteger(count * dtypeBits(dtype)) ? 'is not a whole number of bytes' : 'has an absurd byte size';
+    throw new AmalgamError('E_SHAPE', `shape ${JSON.stringify(shape)} of ${dtype} ${what}`, { file, key: name });
   }
   if (end - begin !== bytes) {
     throw new AmalgamError('E_SHAPE', `shape ${JSON.stringify(shape)} of ${dtype} needs ${bytes} bytes but data_offsets [${begin}, ${end}] span ${end - begin}`, { file, key: name });
@@ -198,6 +204,7 @@ function describe(v: JsonValue | undefined): string {
   if (v === undefined) return 'missing';
   if (v === null) return 'null';
   if (Array.isArray(v)) return 'an array';
+  if (typeof v === 'object') return 'an object';
   return `a ${typeof v}`;
 }
 
@@ -271,12 +278,52 @@ export class SafetensorsFile implements TensorSource {
   }
   async readF32(name: string): Promise<Float32Array> {
     const e = this.entry(name);
+    const count = (e.end - e.begin) / 2;
+    if ((e.dtype === 'BF16' || e.dtype === 'F16') && count > 0 && this.reader.readInto) {
+      return readWidened(this.reader, this.header.dataStart + e.begin, count, e.dtype);
+    }
     const raw = await this.readRaw(name);
     return decodeToF32(e.dtype, raw, { what: name });
   }
   async close(): Promise<void> {
     await this.reader.close();
   }
+}
+
+/** Raw bytes per positional read when widening 16-bit floats to F32. */
+const WIDEN_CHUNK_BYTES = 1 << 20;
+
+/**
+ * `count` BF16 or F16 values at `position`, widened to a fresh F32 array without an intermediate
+ * buffer: each chunk of raw bytes is read into the upper half of the output and converted forward
+ * in place (the conversion never overwrites bytes it has not read yet), while the read of the next
+ * chunk is in flight.
+ */
+async function readWidened(reader: ByteReader, position: number, count: number, dtype: 'BF16' | 'F16'): Promise<Float32Array> {
+  const out = allocF32(count);
+  const buf = out.buffer;
+  const srcStart = count * 2;
+  const step = WIDEN_CHUNK_BYTES >>> 1;
+  const convert = dtype === 'BF16' ? bf16ToF32 : f16ToF32;
+  const readChunk = (a: number) => reader.readInto!(position + 2 * a, new Uint8Array(buf, srcStart + 2 * a, 2 * (Math.min(count, a + step) - a)));
+  let pending = readChunk(0);
+  for (let a = 0; a < count; a += step) {
+    const b = Math.min(count, a + step);
+    await pending;
+    if (b < count) pending = readChunk(b);
+    convert(new Uint16Array(buf, srcStart + 2 * a, b - a), out.subarray(a, b));
+  }
+  return out;
+}
+
+/** An uninitialised F32 array on its own ArrayBuffer (every element is written by the caller). */
+function allocF32(count: number): Float32Array {
+  const bytes = count * 4;
+  if (bytes <= 2 ** 31) {
+    const b = Buffer.allocUnsafeSlow(bytes);
+    return new Float32Array(b.buffer, b.byteOffset, count);
+  }
+  return new Float32Array(count);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -362,7 +409,7 @@ export class ShardedSafetensors implements TensorSource {
   ) {}
 
   get metadata(): Record<string, string> {
-    const out: Record<string, string> = {};
+    const out: Record<string, string> = Object.create(null);
     for (const [k, v] of Object.entries(this.index.metadata)) out[k] = typeof v === 'string' ? v : JSON.stringify(v);
     return out;
   }
@@ -601,12 +648,16 @@ export class SafetensorsFileWriter {
     await this.write(name, encodeFromF32(this.spec(name).dtype, data));
   }
 
+  /** Throws E_MISSING when some tensor has not been written yet. */
+  assertComplete(): void {
+    if (this.finished || !this.pending.size) return;
+    const missing = [...this.pending].slice(0, 5).join(', ');
+    throw new AmalgamError('E_MISSING', `${this.pending.size} tensor(s) were never written (${missing}${this.pending.size > 5 ? ', ...' : ''})`, { file: this.path });
+  }
+
   async finish(): Promise<void> {
     if (this.finished) return;
-    if (this.pending.size) {
-      const missing = [...this.pending].slice(0, 5).join(', ');
-      throw new AmalgamError('E_MISSING', `${this.pending.size} tensor(s) were never written (${missing}${this.pending.size > 5 ? ', ...' : ''})`, { file: this.path });
-    }
+    this.assertComplete();
     const fh = this.fh!;
     this.fh = undefined;
     await fh.sync();
@@ -682,7 +733,10 @@ export class ShardedSafetensorsWriter {
     let cur: TensorSpec[] = [];
     let curBytes = 0;
     let total = 0;
+    const names = new Set<string>();
     for (const t of tensors) {
+      if (names.has(t.name)) throw new AmalgamError('E_DUPLICATE', 'tensor is written twice', { file: dir, key: t.name });
+      names.add(t.name);
       const b = byteSize(t.dtype, numel(t.shape));
       if (b === undefined) throw new AmalgamError('E_SHAPE', `shape ${JSON.stringify(t.shape)} of ${t.dtype} is not a whole number of bytes`, { key: t.name });
       if (cur.length && curBytes + b > budget) {
@@ -699,7 +753,7 @@ export class ShardedSafetensorsWriter {
     const pad = (i: number) => String(i).padStart(5, '0');
     const fileNames = groups.map((_, i) => (n === 1 ? `${prefix}.safetensors` : `${prefix}-${pad(i + 1)}-of-${pad(n)}.safetensors`));
     const writers: SafetensorsFileWriter[] = [];
-    const weightMap: Record<string, string> = {};
+    const weightMap: Record<string, string> = Object.create(null);
     try {
       for (let i = 0; i < n; i++) {
         writers.push(await SafetensorsFileWriter.create(join(dir, fileNames[i]!), groups[i]!, metadata));
@@ -719,24 +773,29 @@ export class ShardedSafetensorsWriter {
     return w;
   }
 
-  write(name: string, data: Uint8Array): Promise<void> {
+  async write(name: string, data: Uint8Array): Promise<void> {
     return this.writer(name).write(name, data);
   }
-  writeF32(name: string, data: Float32Array): Promise<void> {
+  async writeF32(name: string, data: Float32Array): Promise<void> {
     return this.writer(name).writeF32(name, data);
   }
 
   async finish(): Promise<ShardedWriteResult> {
     if (this.finished) throw new AmalgamError('E_USAGE', 'writer already finished', { file: this.dir });
+    // Check every shard before renaming any, so a failed finish leaves no final-named file.
+    for (const w of this.writers) w.assertComplete();
     for (const w of this.writers) await w.finish();
     let indexFile: string | undefined;
     if (this.indexName) {
-      const sortedMap: Record<string, string> = {};
-      for (const k of Object.keys(this.weightMap).sort()) sortedMap[k] = this.weightMap[k]!;
-      const index = { metadata: { ...this.indexMetadata, total_size: this.totalSize }, weight_map: sortedMap };
+      // Written by hand: a JS object would list integer-like tensor names first, unsorted.
+      const entries = Object.keys(this.weightMap)
+        .sort()
+        .map((k) => `    ${JSON.stringify(k)}: ${JSON.stringify(this.weightMap[k])}`);
+      const metadata = JSON.stringify({ ...this.indexMetadata, total_size: this.totalSize }, null, 2).replace(/\n/g, '\n  ');
+      const weightMap = entries.length ? `{\n${entries.join(',\n')}\n  }` : '{}';
       indexFile = join(this.dir, this.indexName);
       const tmp = tempPathFor(indexFile);
-      await writeFile(tmp, JSON.stringify(index, null, 2) + '\n');
+      await writeFile(tmp, `{\n  "metadata": ${metadata},\n  "weight_map": ${weightMap}\n}\n`);
       await rename(tmp, indexFile);
     }
     this.finished = true;
@@ -761,12 +820,13 @@ export async function openSafetensors(path: string): Promise<TensorSource> {
     return SafetensorsFile.open(path);
   }
   const idx = join(path, INDEX_FILE);
+  let hasIndex = true;
   try {
     await stat(idx);
-    return await ShardedSafetensors.open(idx);
-  } catch (e) {
-    if (e instanceof AmalgamError) throw e;
+  } catch {
+    hasIndex = false;
   }
+  if (hasIndex) return ShardedSafetensors.open(idx);
   const single = join(path, 'model.safetensors');
   try {
     await stat(single);

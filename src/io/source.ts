@@ -36,6 +36,11 @@ export interface ByteReader {
   readonly size: number;
   /** Exactly `length` bytes from `position` into a fresh, 8-byte-aligned array. */
   read(position: number, length: number): Promise<Uint8Array>;
+  /**
+   * Optional: fill `dst` with exactly `dst.length` bytes from `position` (same checks and errors as
+   * `read`). Lets a caller read into memory it already owns, e.g. straight into an output array.
+   */
+  readInto?(position: number, dst: Uint8Array): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -65,19 +70,33 @@ export class FileByteReader implements ByteReader {
   }
 
   async read(position: number, length: number): Promise<Uint8Array> {
+    this.check(position, length);
+    const out = allocBytes(length);
+    await this.fill(position, out);
+    return out;
+  }
+
+  async readInto(position: number, dst: Uint8Array): Promise<void> {
+    this.check(position, dst.length);
+    await this.fill(position, dst);
+  }
+
+  private check(position: number, length: number): void {
     if (!this.fh) throw new AmalgamError('E_IO', 'file is already closed', { file: this.path });
     if (position < 0 || length < 0 || position + length > this.size) {
       throw new AmalgamError('E_OFFSETS', `read of ${length} bytes at ${position} is beyond the end of the file (${this.size} bytes)`, { file: this.path });
     }
-    const out = allocBytes(length);
+  }
+
+  private async fill(position: number, out: Uint8Array): Promise<void> {
+    const length = out.length;
     let done = 0;
     while (done < length) {
       const want = Math.min(CHUNK, length - done);
-      const { bytesRead } = await this.fh.read(out, done, want, position + done);
+      const { bytesRead } = await this.fh!.read(out, done, want, position + done);
       if (bytesRead === 0) throw new AmalgamError('E_IO', `file shrank while reading (at byte ${position + done})`, { file: this.path });
       done += bytesRead;
     }
-    return out;
   }
 
   async close(): Promise<void> {
@@ -102,6 +121,13 @@ export class MemoryByteReader implements ByteReader {
     const out = allocBytes(length);
     out.set(this.bytes.subarray(position, position + length));
     return out;
+  }
+  async readInto(position: number, dst: Uint8Array): Promise<void> {
+    const length = dst.length;
+    if (position < 0 || position + length > this.size) {
+      throw new AmalgamError('E_OFFSETS', `read of ${length} bytes at ${position} is beyond the end of the data (${this.size} bytes)`, { file: this.path });
+    }
+    dst.set(this.bytes.subarray(position, position + length));
   }
   async close(): Promise<void> {}
 }

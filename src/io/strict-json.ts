@@ -5,7 +5,13 @@
  * stored as an own data property, never as the prototype.
  */
 export class StrictJsonError extends Error {
-  constructor(message: string, readonly position: number, readonly key?: string) {
+  constructor(
+    message: string,
+    readonly position: number,
+    readonly key?: string,
+    /** Keys of the object members that enclose the error, outermost first. */
+    readonly path: readonly string[] = [],
+  ) {
     super(message);
   }
 }
@@ -36,9 +42,10 @@ export function parseStrictJson(text: string, opts: StrictJsonOptions = {}): Jso
   const trailingOk = opts.allowTrailing ?? isWs;
   let i = 0;
   const n = text.length;
+  const keyPath: string[] = [];
 
   const fail = (msg: string, key?: string): never => {
-    throw new StrictJsonError(`${msg} at character ${i}`, i, key);
+    throw new StrictJsonError(`${msg} at character ${i}`, i, key, keyPath.slice());
   };
   const skipWs = () => {
     while (i < n && isWs(text.charCodeAt(i))) i++;
@@ -123,7 +130,9 @@ export function parseStrictJson(text: string, opts: StrictJsonOptions = {}): Jso
         skipWs();
         if (text[i] !== ':') fail('expected ":"');
         i++;
+        keyPath.push(key);
         const value = parseValue(depth + 1);
+        keyPath.pop();
         if (key === '__proto__') Object.defineProperty(obj, key, { value, enumerable: true, writable: true, configurable: true });
         else obj[key] = value;
         skipWs();

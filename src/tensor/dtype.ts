@@ -166,10 +166,30 @@ export function f16ToF32Scalar(h: number): number {
 // ---------------------------------------------------------------------------------------------
 // Array conversions
 
+/**
+ * BF16 -> F32 (exact). Converts `src.length` values into the start of `dst`. The loop runs forward,
+ * reading each group of values before writing them, so `dst` may share memory with `src` when
+ * `dst.byteOffset + 2 * src.length <= src.byteOffset` (in-place widening of data read into the
+ * upper half of the output).
+ */
 export function bf16ToF32(src: Uint16Array, dst: Float32Array = new Float32Array(src.length)): Float32Array {
-  const out = new Uint32Array(dst.buffer, dst.byteOffset, dst.length);
   const n = src.length;
-  for (let i = 0; i < n; i++) out[i] = src[i]! << 16;
+  const out = new Int32Array(dst.buffer, dst.byteOffset, dst.length);
+  let i = 0;
+  if ((src.byteOffset & 3) === 0) {
+    // Two values per 32-bit load (little-endian: the low half is the first value), four per step.
+    const quads = n >>> 2;
+    const words = new Int32Array(src.buffer, src.byteOffset, quads * 2);
+    for (let q = 0, k = 0; q < quads; q++, k += 2, i += 4) {
+      const w = words[k]!;
+      const x = words[k + 1]!;
+      out[i] = w << 16;
+      out[i + 1] = w & -65536;
+      out[i + 2] = x << 16;
+      out[i + 3] = x & -65536;
+    }
+  }
+  for (; i < n; i++) out[i] = src[i]! << 16;
   return dst;
 }
 
@@ -183,6 +203,10 @@ export function f32ToBf16(src: Float32Array, dst: Uint16Array = new Uint16Array(
   return dst;
 }
 
+/**
+ * F16 -> F32 (exact), through a 65536-entry table. Like `bf16ToF32`, the loop runs forward, so
+ * `dst` may share memory with `src` when `dst.byteOffset + 2 * src.length <= src.byteOffset`.
+ */
 export function f16ToF32(src: Uint16Array, dst: Float32Array = new Float32Array(src.length)): Float32Array {
   const table = f16Table();
   const out = new Uint32Array(dst.buffer, dst.byteOffset, dst.length);
