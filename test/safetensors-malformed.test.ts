@@ -356,3 +356,9 @@ test('a weight_map entry that names a folder', async () => {
   await mkdir(join(dir, 'sub'));
   await expectBadDir(dir, 'E_IO', join(dir, 'sub'), { message: /not a regular file/ });
 });
+
+test('shapes and offsets written as 1.0, 1e3 or -0 are not integers', async () => {
+  await expectBad(craft('{"w":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', 8), 'E_SHAPE', { key: 'w', message: /not a non-negative integer/ });
+  await expectBad(craft('{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8e0]}}', 8), 'E_OFFSETS', { key: 'w', message: /not a non-negative integer/ });
+  await expectBad(craft('{"w":{"dtype":"F32","shape":[-0],"data_offsets":[0,0]}}', 0), 'E_SHAPE', { key: 'w', message: /not a non-negative integer/ });
+});

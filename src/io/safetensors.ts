@@ -80,7 +80,7 @@ export function parseHeaderBytes(headerBytes: Uint8Array, fileSize: number, file
   }
   let json: JsonValue;
   try {
-    json = parseStrictJson(text, { maxDepth: 8 });
+    json = parseStrictJson(text, { maxDepth: 8, integersOnly: true });
   } catch (e) {
     if (e instanceof StrictJsonError) {
       if (e.key !== undefined) {
@@ -89,6 +89,12 @@ export function parseHeaderBytes(headerBytes: Uint8Array, fileSize: number, file
         if (top === undefined) throw new AmalgamError('E_DUPLICATE', `header lists "${e.key}" more than once`, { file, key: e.key });
         if (top === '__metadata__') throw new AmalgamError('E_DUPLICATE', `__metadata__ lists "${e.key}" more than once`, { file, key: `__metadata__.${e.key}` });
         throw new AmalgamError('E_DUPLICATE', `tensor entry lists "${[...inner, e.key].join('.')}" more than once`, { file, key: top });
+      }
+      const [top, field] = e.path;
+      if (top !== undefined && /is not an integer/.test(e.message)) {
+        // Shapes and offsets are unsigned integers; 1.0, 1e3 or -0 are not (the reference rejects them).
+        const code = field === 'data_offsets' ? 'E_OFFSETS' : 'E_SHAPE';
+        throw new AmalgamError(code, field === 'data_offsets' ? `data_offsets holds a number that is not a non-negative integer, expected [begin, end] (${e.message})` : `${field ?? 'value'} holds a number that is not a non-negative integer (${e.message})`, { file, key: top });
       }
       throw new AmalgamError('E_HEADER', `header is not valid JSON: ${e.message}`, { file });
     }

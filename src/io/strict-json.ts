@@ -22,6 +22,11 @@ export interface StrictJsonOptions {
   maxDepth?: number;
   /** Characters allowed after the top-level value (default: JSON whitespace). */
   allowTrailing?: (code: number) => boolean;
+  /**
+   * Accept only integer literals (no fraction, exponent or `-0`), as a reader that deserialises
+   * numbers into integer types does.
+   */
+  integersOnly?: boolean;
 }
 
 const isWs = (c: number) => c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d;
@@ -102,8 +107,10 @@ export function parseStrictJson(text: string, opts: StrictJsonOptions = {}): Jso
     NUM.lastIndex = i;
     const m = NUM.exec(text);
     if (!m || m[0].length === 0 || m[0] === '-') fail('bad number');
-    i += m![0].length;
-    return Number(m![0]);
+    const lit = m![0];
+    if (opts.integersOnly && (/[.eE]/.test(lit) || lit === '-0')) fail(`number ${lit} is not an integer`);
+    i += lit.length;
+    return Number(lit);
   };
 
   const parseValue = (depth: number): JsonValue => {
