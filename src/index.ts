@@ -18,3 +18,42 @@ export * from './convert/permute.js';
 export * from './convert/names.js';
 export * from './convert/to-hf.js';
 export * from './config/index.js';
+export {
+  MERGE_METHODS,
+  getMergeMethod,
+  hasMergeMethod,
+  validateMerge,
+  prepareParams,
+  mergeTensor,
+  resolveParams,
+  weightedModels,
+} from './merge/registry.js';
+export type {
+  BaseRequirement,
+  MaskRequest,
+  MaskSource,
+  MergeContext,
+  MergeInput,
+  MergeMethod,
+  MergeOutput,
+  ParamSpec,
+  ParamValue,
+  ResolvedParams,
+  ValidateContext,
+  RawParams,
+} from './merge/registry.js';
+export {
+  sparsify,
+  applyMask,
+  magnitudeMask,
+  magnitudeOutliersMask,
+  dellaProbabilities,
+  checkDellaEpsilon,
+  rngMaskSource,
+  givenMaskSource,
+  tensorRng,
+  RESCALE_EPS,
+  type SparsifyMethod,
+  type SparsifyOptions,
+} from './merge/sparsify.js';
+export { makeGtaMethod, combineTaskVectors, type GtaVariant, type ConsensusMethod } from './merge/gta.js';

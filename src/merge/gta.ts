@@ -1,0 +1,205 @@
+/**
+ * Generalized task arithmetic (merge-methods.md §3): the pipeline shared by task_arithmetic,
+ * ties, dare_*, breadcrumbs*, della*. Task vectors → sparsify → weight → sign consensus or plain
+ * sum → normalise → λ → base + mixed.
+ */
+import { AmalgamError } from '../errors.js';
+import { copyOf, maskSourceOf, output, splitBase } from './common.js';
+import { globalBool, globalNumber, modelNumber, resolvedModelNumber } from './params.js';
+import { checkDellaEpsilon, sparsify, type SparsifyMethod } from './sparsify.js';
+import { cutSubmatrix, sameShape, shapeString, subtract } from './tensor-ops.js';
+import type { MergeContext, MergeInput, MergeMethod, MergeOutput, ParamSpec, ResolvedParams, ValidateContext } from './types.js';
+
+export type ConsensusMethod = 'sum';
+
+const COMBINE_BLOCK = 4096;
+
+export interface GtaVariant {
+  name: string;
+  prettyName: string;
+  reference?: string;
+  sparsification: SparsifyMethod | null;
+  consensus: ConsensusMethod | null;
+  defaultNormalize: boolean;
+  defaultRescale: boolean;
+}
+
+/**
+ * The task vector x − base of one model. Embeddings larger than the base are cut to the base's
+ * shape; a smaller embedding or any other shape mismatch is an error (mergekit fails late or
+ * silently skips the model).
+ */
+export function taskVector(ctx: MergeContext, method: string, base: MergeInput, x: MergeInput): Float32Array {
+  if (x.data.length !== base.data.length || !sameShape(x.shape, base.shape)) {
+    if (ctx.isEmbed && x.shape.length === 2 && base.shape.length === 2) {
+      const [rows, cols] = base.shape;
+      if (x.shape[0] < rows || x.shape[1] < cols) {
+        throw new AmalgamError(
+          'E_SHAPE',
+          `${method}: embedding of model ${x.model} ${shapeString(x.shape)} is smaller than the base model's ${shapeString(base.shape)}`,
+          { key: ctx.tensorName, hint: 'set tokenizer_source (or tokenizer:) to merge models with different vocabularies' },
+        );
+      }
+      ctx.warn?.(`${ctx.tensorName}: using the ${shapeString(base.shape)} submatrix of model ${x.model}'s ${shapeString(x.shape)} embedding`);
+      return subtract(cutSubmatrix(x.data, x.shape, rows, cols), base.data);
+    }
+    throw new AmalgamError(
+      'E_SHAPE',
+      `${method}: model ${x.model} has shape ${shapeString(x.shape)} but the base model ${base.model} has ${shapeString(base.shape)}`,
+      { key: ctx.tensorName, hint: 'every model must have the base model\'s shape for this tensor' },
+    );
+  }
+  return subtract(x.data, base.data);
+}
+
+/** Checks a per-model density (finite, in [0, 1]). */
+export function checkDensity(density: number, tensorName: string, model: string): void {
+  if (!(density >= 0 && density <= 1)) {
+    throw new AmalgamError('E_CONFIG', `model ${model}: density must be in [0, 1], got ${density}`, { key: tensorName });
+  }
+}
+
+/**
+ * Combines weighted, sparsified task vectors onto the base (steps 3–6 of §3.1). `weights[m]`
+ * pairs with `deltas[m]`.
+ */
+export function combineTaskVectors(
+  base: Float32Array,
+  deltas: readonly Float32Array[],
+  weights: readonly number[],
+  consensus: ConsensusMethod | null,
+  normalize: boolean,
+  lambda: number,
+): Float32Array {
+  const n = base.length;
+  const m = deltas.length;
+  const out = new Float32Array(n);
+  let scalarDivisor = 0;
+  for (const w of weights) scalarDivisor += w;
+  if (Math.abs(scalarDivisor) < 1e-8) scalarDivisor = 1;
+  // Model-major passes over blocks keep the inner loops monomorphic.
+  const B = Math.min(n, COMBINE_BLOCK);
+  const total = new Float64Array(B);
+  const mixed = new Float64Array(B);
+  const divisor = new Float64Array(B);
+  for (let start = 0; start < n; start += B) {
+    const len = Math.min(B, n - start);
+    total.fill(0);
+    for (let k = 0; k < m; k++) {
+      const d = deltas[k];
+      const w = weights[k];
+      for (let j = 0; j < len; j++) total[j] += Math.fround(w * d[start + j]);
+    }
+    if (consensus === 'sum') {
+      // Elected sign: + where the weighted sum is ≥ 0. Zero deltas never agree.
+      for (let j = 0; j < len; j++) total[j] = total[j] >= 0 ? 1 : -1;
+      mixed.fill(0);
+      divisor.fill(0);
+      for (let k = 0; k < m; k++) {
+        const d = deltas[k];
+        const w = weights[k];
+        for (let j = 0; j < len; j++) {
+          const v = Math.fround(w * d[start + j]);
+          const agree = +(v * total[j] > 0);
+          mixed[j] += v * agree;
+          divisor[j] += w * agree;
+        }
+      }
+      for (let j = 0; j < len; j++) {
+        let v = mixed[j];
+        if (normalize) v /= divisor[j] === 0 ? 1 : divisor[j];
+        if (lambda !== 1) v *= lambda;
+        out[start + j] = base[start + j] + v;
+      }
+    } else {
+      for (let j = 0; j < len; j++) {
+        let v = total[j];
+        if (normalize) v /= scalarDivisor;
+        if (lambda !== 1) v *= lambda;
+        out[start + j] = base[start + j] + v;
+      }
+    }
+  }
+  return out;
+}
+
+export function makeGtaMethod(v: GtaVariant): MergeMethod {
+  const globalParams: Record<string, ParamSpec> = {
+    normalize: { type: 'boolean', default: v.defaultNormalize, description: 'divide by the sum of weights' },
+    rescale: { type: 'boolean', default: v.defaultRescale, description: 'restore the L1 norm after sparsification' },
+    lambda: { type: 'number', default: 1.0, description: 'scale of the merged task vector' },
+    int8_mask: { type: 'boolean', default: false, description: 'accepted for compatibility; no numerical effect' },
+  };
+  const perModelParams: Record<string, ParamSpec> = {
+    weight: { type: 'number', required: true, description: 'weight of the task vector' },
+    density: { type: 'number', default: 1.0, description: 'fraction of the task vector kept' },
+  };
+  if (v.sparsification === 'magnitude_outliers') {
+    perModelParams.gamma = { type: 'number', default: 0.01, description: 'fraction of the largest magnitudes dropped' };
+  }
+  if (v.sparsification === 'della_magprune') {
+    perModelParams.epsilon = { type: 'number', default: 0.15, description: 'spread of keep probabilities around density' };
+  }
+
+  return {
+    name: v.name,
+    prettyName: v.prettyName,
+    reference: v.reference,
+    globalParams,
+    perModelParams,
+    needsBase: 'required',
+    randomized: v.sparsification === 'random' || v.sparsification === 'della_magprune',
+
+    validate(params: ResolvedParams, vctx: ValidateContext): void {
+      if (vctx.base === null) {
+        throw new AmalgamError('E_CONFIG', `${v.name} needs a base model`, { key: vctx.tensorName, hint: 'set base_model:' });
+      }
+      for (const model of vctx.models.filter((m) => m !== vctx.base)) {
+        const density = resolvedModelNumber(params, model, 'density') ?? 1;
+        checkDensity(density, vctx.tensorName, model);
+        if (v.sparsification === 'magnitude_outliers') {
+          const gamma = resolvedModelNumber(params, model, 'gamma') ?? 0.01;
+          if (!(gamma >= 0 && gamma <= 1)) {
+            throw new AmalgamError('E_CONFIG', `model ${model}: gamma must be in [0, 1], got ${gamma}`, { key: vctx.tensorName });
+          }
+        }
+        if (v.sparsification === 'della_magprune') {
+          checkDellaEpsilon(density, resolvedModelNumber(params, model, 'epsilon') ?? 0.15, vctx.tensorName, model);
+        }
+      }
+    },
+
+    merge(ctx: MergeContext): MergeOutput {
+      const { base, others } = splitBase(ctx, v.name, true);
+      if (others.length === 0) return copyOf(base!);
+      const normalize = globalBool(ctx, 'normalize');
+      const rescale = globalBool(ctx, 'rescale');
+      const lambda = globalNumber(ctx, 'lambda');
+      const masks = v.sparsification === 'random' || v.sparsification === 'della_magprune' ? maskSourceOf(ctx) : undefined;
+      const deltas: Float32Array[] = [];
+      const weights: number[] = [];
+      for (const x of others) {
+        let delta = taskVector(ctx, v.name, base!, x);
+        if (v.sparsification) {
+          const density = modelNumber(ctx, x.model, 'density');
+          checkDensity(density, ctx.tensorName, x.model);
+          delta = sparsify(delta, {
+            method: v.sparsification,
+            density,
+            gamma: v.sparsification === 'magnitude_outliers' ? modelNumber(ctx, x.model, 'gamma') : undefined,
+            epsilon: v.sparsification === 'della_magprune' ? modelNumber(ctx, x.model, 'epsilon') : undefined,
+            rescale,
+            shape: base!.shape,
+            tensorName: ctx.tensorName,
+            model: x.model,
+            masks,
+            warn: ctx.warn,
+          });
+        }
+        deltas.push(delta);
+        weights.push(modelNumber(ctx, x.model, 'weight'));
+      }
+      return output(combineTaskVectors(base!.data, deltas, weights, v.consensus, normalize, lambda), base!.shape);
+    },
+  };
+}
