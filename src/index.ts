@@ -57,3 +57,5 @@ export {
   type SparsifyOptions,
 } from './merge/sparsify.js';
 export { makeGtaMethod, combineTaskVectors, type GtaVariant, type ConsensusMethod } from './merge/gta.js';
+export * from './tokenizer/merge.js';
+export * from './merge/embed.js';
