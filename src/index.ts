@@ -59,3 +59,5 @@ export {
 export { makeGtaMethod, combineTaskVectors, type GtaVariant, type ConsensusMethod } from './merge/gta.js';
 export * from './tokenizer/merge.js';
 export * from './merge/embed.js';
+export * from './nn/index.js';
+export * from './merge/index.js';

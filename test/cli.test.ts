@@ -15,17 +15,19 @@ function amalgam(...args: string[]) {
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
-test('demo writes a checkpoint and inspects it', () => {
+test('demo generates models, merges them with TIES and inspects the result', () => {
   const dir = mkdtempSync(join(tmpdir(), 'amalgam-cli-'));
   try {
     const r = amalgam('demo', '--out', dir);
     assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /Merged 4 models with ties/);
     assert.match(r.stdout, /architecture: {2}llama, 4 layers/);
     assert.match(r.stdout, /parameters: {4}217,664/);
     assert.ok(existsSync(join(dir, 'base', 'model.safetensors.index.json')));
+    assert.ok(existsSync(join(dir, 'merged', 'model.safetensors')));
     // Running it again replaces its own output.
     assert.equal(amalgam('demo', '--out', dir).code, 0);
-    assert.deepEqual(readdirSync(dir), ['base']);
+    assert.deepEqual(readdirSync(dir).sort(), ['base', 'demo-ties.yml', 'ft-chat', 'ft-code', 'ft-math', 'merged']);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

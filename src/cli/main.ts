@@ -9,6 +9,7 @@ import { isAmalgamError } from '../errors.js';
 import { registerInspect } from './inspect.js';
 import { registerConvert } from './convert.js';
 import { registerDemo } from './demo.js';
+import { registerMerge } from './merge.js';
 
 const require = createRequire(import.meta.url);
 const pkg = require('../../package.json') as { version: string };
@@ -21,6 +22,7 @@ export function buildProgram(): Command {
     .version(pkg.version)
     .showHelpAfterError('(run with --help for usage)');
   registerDemo(program);
+  registerMerge(program);
   registerInspect(program);
   registerConvert(program);
   return program;

@@ -1,0 +1,465 @@
+/**
+ * Carrying out a merge plan, tensor by tensor (merge-methods.md §9.5).
+ *
+ * - Inputs are read lazily: one tensor of one model at a time, with positional reads.
+ * - The arithmetic runs on worker threads (`jobs` of them; `jobs: 1` runs inline). Input arrays
+ *   are transferred to the worker and the encoded result is transferred back, never copied.
+ * - Memory is bounded by admission control. Each tensor has a cost: (inputs + 3) × its float32
+ *   size (the inputs, the result, its encoded form and one scratch array). A tensor starts only
+ *   when the costs of the tensors in flight plus its own stay within the budget, or when nothing
+ *   is in flight. The default budget is the largest cost in the plan, at most
+ *   (max inputs + 3) × the largest tensor in float32, so the largest tensors are merged alone and
+ *   small ones overlap. Scratch a method allocates beyond that (the task vectors of the task
+ *   arithmetic family, one per non-base model) comes on top, for the tensors being merged only.
+ * - Results go straight to their final offsets in the output shards (the layout is fixed by the
+ *   plan), inside a staging folder that is renamed to the output path only once complete. On
+ *   any error or abort the staging folder is removed.
+ * - Randomized methods draw from a stream derived from the seed and the tensor name, so the
+ *   result does not depend on scheduling or on `jobs`.
+ */
+import { availableParallelism } from 'node:os';
+import { basename } from 'node:path';
+import { Worker } from 'node:worker_threads';
+import cliProgress from 'cli-progress';
+import { AmalgamError } from '../errors.js';
+import { withStagingDir } from '../io/atomic-dir.js';
+import { openSafetensors, ShardedSafetensorsWriter } from '../io/safetensors.js';
+import type { TensorSource } from '../io/source.js';
+import { byteSize, numel } from '../tensor/dtype.js';
+import { AMALGAM_VERSION, writeOutputFiles } from './output.js';
+import { tensorCost, type MergePlan, type PlannedTensor } from './plan.js';
+import {
+  computeTensor,
+  deserializeError,
+  WORKER_MARK,
+  type ComputeInput,
+  type ComputeResult,
+  type ComputeTask,
+  type SerializedError,
+} from './worker.js';
+
+export interface MergeProgress {
+  /** Tensors written so far, and in all. */
+  done: number;
+  total: number;
+  /** The tensor just written. */
+  tensor: string;
+  bytesRead: number;
+  bytesWritten: number;
+  totalReadBytes: number;
+  totalWriteBytes: number;
+  elapsedMs: number;
+}
+
+export interface ExecuteOptions {
+  /**
+   * Worker threads for the arithmetic. `1` computes inline. Default: the number of cores, or 1
+   * when the inputs hold fewer than 2^24 values in all (see `defaultJobs`).
+   */
+  jobs?: number;
+  /** Shard size limit in bytes (default 5e9, mergekit's `5B`); 0 or less writes one shard. */
+  outShardSize?: number;
+  /** Replace a non-empty output folder. */
+  overwrite?: boolean;
+  /** Write README.md (default true). */
+  writeModelCard?: boolean;
+  /**
+   * Bound in bytes on the summed cost of the tensors in flight (see the module comment). Default:
+   * the plan's `stats.memoryBound`.
+   */
+  memoryBudget?: number;
+  /** Called after each tensor is written. */
+  onProgress?: (p: MergeProgress) => void;
+  /** Receives warnings from the methods (also returned, in plan order). */
+  onWarning?: (message: string) => void;
+  /** Draw a progress bar on stderr (tensors/s, bytes/s, ETA). Default: false. */
+  progressBar?: boolean;
+  /** Aborts the merge; nothing appears at the output path. */
+  signal?: AbortSignal;
+  /** Opens a model folder's weights (default `openSafetensors`); a hook for tests. */
+  openSource?: (path: string) => Promise<TensorSource>;
+}
+
+export interface ExecuteResult {
+  outDir: string;
+  /** Files of the output folder, weights first. */
+  files: string[];
+  weightFiles: string[];
+  tensors: number;
+  bytesRead: number;
+  bytesWritten: number;
+  elapsedMs: number;
+  jobs: number;
+  memoryBudget: number;
+  /** Largest summed cost of the tensors in flight at any time. */
+  peakInFlightBytes: number;
+  /** Warnings raised while merging, in plan order. */
+  warnings: string[];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker pool
+
+interface Pending {
+  resolve: (r: ComputeResult) => void;
+  reject: (e: Error) => void;
+}
+
+type WorkerReply = { ok: true; result: ComputeResult } | { ok: false; id: number; error: SerializedError };
+
+function spawnWorker(): Worker {
+  const self = import.meta.url;
+  const workerData = { mark: WORKER_MARK };
+  if (self.endsWith('.ts')) {
+    // Running from TypeScript sources (tests, tsx): the worker registers the same loader first.
+    const api = import.meta.resolve('tsx/esm/api');
+    const target = new URL('./worker.ts', self).href;
+    const code = `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(target)}); });`;
+    return new Worker(code, { eval: true, workerData });
+  }
+  return new Worker(new URL('./worker.js', self), { workerData });
+}
+
+class WorkerPool {
+  private readonly idle: Worker[] = [];
+  private readonly all: Worker[] = [];
+  private readonly queue: { task: ComputeTask; transfer: ArrayBuffer[]; pending: Pending }[] = [];
+  private readonly busy = new Map<Worker, Pending>();
+  private broken: Error | undefined;
+
+  constructor(private readonly size: number) {}
+
+  run(task: ComputeTask, transfer: ArrayBuffer[]): Promise<ComputeResult> {
+    return new Promise<ComputeResult>((resolve, reject) => {
+      if (this.broken) return reject(this.broken);
+      this.queue.push({ task, transfer, pending: { resolve, reject } });
+      this.pump();
+    });
+  }
+
+  private pump(): void {
+    while (this.queue.length) {
+      let w = this.idle.pop();
+      if (!w && this.all.length < this.size) w = this.start();
+      if (!w) return;
+      const job = this.queue.shift()!;
+      this.busy.set(w, job.pending);
+      w.postMessage(job.task, job.transfer);
+    }
+  }
+
+  private start(): Worker {
+    const w = spawnWorker();
+    this.all.push(w);
+    w.on('message', (msg: WorkerReply) => {
+      const p = this.busy.get(w);
+      this.busy.delete(w);
+      this.idle.push(w);
+      if (p) {
+        if (msg.ok) p.resolve(msg.result);
+        else p.reject(deserializeError(msg.error));
+      }
+      this.pump();
+    });
+    const fail = (e: Error) => {
+      this.broken ??= e;
+      const p = this.busy.get(w);
+      this.busy.delete(w);
+      p?.reject(e);
+      for (const job of this.queue.splice(0)) job.pending.reject(e);
+    };
+    w.on('error', (e) => fail(e instanceof Error ? e : new Error(String(e))));
+    w.on('exit', (code) => {
+      if (this.busy.has(w)) fail(new Error(`a merge worker exited with code ${code}`));
+    });
+    return w;
+  }
+
+  async close(): Promise<void> {
+    const ws = this.all.splice(0);
+    this.idle.length = 0;
+    await Promise.all(ws.map((w) => w.terminate().catch(() => 0)));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress
+
+function formatRate(bytesPerSecond: number): string {
+  if (!Number.isFinite(bytesPerSecond)) return '0 B/s';
+  if (bytesPerSecond >= 1 << 30) return `${(bytesPerSecond / (1 << 30)).toFixed(2)} GiB/s`;
+  if (bytesPerSecond >= 1 << 20) return `${(bytesPerSecond / (1 << 20)).toFixed(1)} MiB/s`;
+  if (bytesPerSecond >= 1 << 10) return `${(bytesPerSecond / (1 << 10)).toFixed(1)} KiB/s`;
+  return `${bytesPerSecond.toFixed(0)} B/s`;
+}
+
+/** A progress bar whose value is bytes moved (read + written), so the ETA weighs large tensors. */
+function makeBar(plan: MergePlan): { update(p: MergeProgress): void; stop(): void } {
+  const bar = new cliProgress.SingleBar(
+    {
+      format: 'merging |{bar}| {done}/{tensors} tensors | {tps} tensors/s | {bps} | ETA {eta_formatted}',
+      hideCursor: true,
+      clearOnComplete: true,
+      stream: process.stderr,
+      fps: 5,
+    },
+    cliProgress.Presets.shades_classic,
+  );
+  const total = Math.max(1, plan.stats.readBytes + plan.stats.writeBytes);
+  bar.start(total, 0, { done: 0, tensors: plan.tensors.length, tps: '0.0', bps: '0 B/s' });
+  return {
+    update(p) {
+      const s = Math.max(p.elapsedMs, 1) / 1000;
+      const moved = p.bytesRead + p.bytesWritten;
+      bar.update(Math.min(moved, total), { done: p.done, tps: (p.done / s).toFixed(1), bps: formatRate(moved / s) });
+    },
+    stop() {
+      bar.stop();
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Executor
+
+/** Below this many input values, starting worker threads costs more than it saves. */
+const INLINE_VALUES = 2 ** 24;
+
+/** The default `jobs`: one per core, or inline for small merges. */
+export function defaultJobs(plan: MergePlan): number {
+  let values = 0;
+  for (const t of plan.tensors) for (const i of t.inputs) values += numel(i.shape);
+  return values < INLINE_VALUES ? 1 : availableParallelism();
+}
+
+function abortError(outDir: string): AmalgamError {
+  return new AmalgamError('E_IO', 'the merge was interrupted; nothing was written to the output path', { file: outDir });
+}
+
+/** A Float32Array whose buffer can be transferred: offset 0 and the whole buffer. */
+function transferable(a: Float32Array): Float32Array {
+  return a.byteOffset === 0 && a.byteLength === a.buffer.byteLength && a.buffer instanceof ArrayBuffer ? a : a.slice();
+}
+
+async function openSources(plan: MergePlan, open: (path: string) => Promise<TensorSource>): Promise<Map<string, TensorSource>> {
+  const used = new Set(plan.tensors.flatMap((t) => t.inputs.map((i) => i.model)));
+  const out = new Map<string, TensorSource>();
+  try {
+    for (const m of plan.models) if (used.has(m.id)) out.set(m.id, await open(m.path));
+  } catch (e) {
+    await Promise.all([...out.values()].map((s) => s.close().catch(() => {})));
+    throw e;
+  }
+  return out;
+}
+
+/** Checks that each input still has the dtype and shape the plan was made from. */
+function checkInputs(plan: MergePlan, sources: Map<string, TensorSource>): void {
+  for (const t of plan.tensors) {
+    for (const i of t.inputs) {
+      const src = sources.get(i.model)!;
+      const info = src.has(i.tensor) ? src.info(i.tensor) : undefined;
+      if (!info || info.dtype !== i.dtype || info.shape.length !== i.shape.length || info.shape.some((d, k) => d !== i.shape[k])) {
+        throw new AmalgamError('E_SHAPE', `model ${i.model} changed since the merge was planned (${i.tensor})`, {
+          key: t.name,
+          hint: 'plan the merge again',
+        });
+      }
+    }
+  }
+}
+
+/**
+ * Carries out a plan into `outDir`: weights (sharded safetensors plus index), config.json, the
+ * model card, the configuration and the donor's tokenizer files. The folder appears under its
+ * final name only when complete; an existing non-empty folder is replaced only with `overwrite`.
+ */
+export async function executeMerge(plan: MergePlan, outDir: string, opts: ExecuteOptions = {}): Promise<ExecuteResult> {
+  const started = Date.now();
+  const jobs = Math.max(1, Math.floor(opts.jobs ?? defaultJobs(plan)));
+  const budget = opts.memoryBudget ?? plan.stats.memoryBound;
+  const shardSize = opts.outShardSize === undefined ? 5e9 : opts.outShardSize > 0 ? opts.outShardSize : Number.MAX_SAFE_INTEGER;
+  const signal = opts.signal;
+  if (signal?.aborted) throw abortError(outDir);
+
+  const sources = await openSources(plan, opts.openSource ?? ((p) => openSafetensors(p)));
+  const warningsByTensor = new Map<number, string[]>();
+  let bytesRead = 0;
+  let bytesWritten = 0;
+  let done = 0;
+  let peak = 0;
+  let weightFiles: string[] = [];
+  let otherFiles: string[] = [];
+  const pool = jobs > 1 ? new WorkerPool(jobs) : undefined;
+  const bar = opts.progressBar ? makeBar(plan) : undefined;
+
+  try {
+    checkInputs(plan, sources);
+    await withStagingDir(
+      outDir,
+      async (stage) => {
+        const writer = await ShardedSafetensorsWriter.create(
+          stage.path,
+          plan.tensors.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape })),
+          { maxShardBytes: shardSize, metadata: { format: 'pt' }, indexMetadata: { amalgam_version: AMALGAM_VERSION } },
+        );
+        try {
+          const compute = async (t: PlannedTensor): Promise<{ bytes: Uint8Array; readBytes: number }> => {
+            if (t.kind === 'copy') {
+              const i = t.inputs.find((x) => x.model === t.base) ?? t.inputs[0]!;
+              const raw = await sources.get(i.model)!.readRaw(i.tensor);
+              return { bytes: raw, readBytes: raw.byteLength };
+            }
+            const inputs: ComputeInput[] = [];
+            let readBytes = 0;
+            for (const i of t.inputs) {
+              const data = transferable(await sources.get(i.model)!.readF32(i.tensor));
+              if (data.length !== numel(i.shape)) {
+                throw new AmalgamError('E_SHAPE', `read ${data.length} values from model ${i.model}, expected ${numel(i.shape)}`, { key: t.name });
+              }
+              readBytes += byteSize(i.dtype, data.length) ?? 0;
+              inputs.push({ model: i.model, shape: i.shape, data });
+            }
+            if (signal?.aborted) throw abortError(outDir);
+            const task: ComputeTask = {
+              id: t.index,
+              tensorName: t.name,
+              method: plan.method,
+              isEmbed: t.isEmbed,
+              isOptional: t.isOptional,
+              base: t.base,
+              params: t.params,
+              inputs,
+              computeDtype: plan.computeDtype,
+              outDtype: t.dtype,
+              outShape: t.shape,
+              seed: plan.randomSeed,
+            };
+            const result = pool
+              ? await pool.run(task, inputs.map((x) => x.data.buffer as ArrayBuffer))
+              : computeTensor(task);
+            if (result.warnings.length) {
+              warningsByTensor.set(t.index, result.warnings);
+              for (const w of result.warnings) opts.onWarning?.(w);
+            }
+            return { bytes: result.bytes, readBytes };
+          };
+
+          await schedule(plan.tensors, {
+            concurrency: jobs + 1,
+            budget,
+            signal,
+            outDir,
+            onPeak: (b) => (peak = Math.max(peak, b)),
+            run: async (t) => {
+              const { bytes, readBytes } = await compute(t);
+              await writer.write(t.name, bytes);
+              bytesRead += readBytes;
+              bytesWritten += bytes.byteLength;
+              done++;
+              const p: MergeProgress = {
+                done,
+                total: plan.tensors.length,
+                tensor: t.name,
+                bytesRead,
+                bytesWritten,
+                totalReadBytes: plan.stats.readBytes,
+                totalWriteBytes: plan.stats.writeBytes,
+                elapsedMs: Date.now() - started,
+              };
+              bar?.update(p);
+              opts.onProgress?.(p);
+            },
+          });
+          const res = await writer.finish();
+          weightFiles = res.indexFile ? [...res.files, basename(res.indexFile)] : res.files;
+        } catch (e) {
+          await writer.abort();
+          throw e;
+        }
+        otherFiles = await writeOutputFiles(plan, stage.path, {
+          writeModelCard: opts.writeModelCard ?? true,
+          name: basename(stage.target),
+        });
+        if (signal?.aborted) throw abortError(outDir);
+      },
+      { overwrite: opts.overwrite },
+    );
+  } finally {
+    bar?.stop();
+    await pool?.close();
+    await Promise.all([...sources.values()].map((s) => s.close().catch(() => {})));
+  }
+
+  const warnings = [...warningsByTensor.entries()].sort((a, b) => a[0] - b[0]).flatMap(([, w]) => w);
+  return {
+    outDir,
+    files: [...weightFiles, ...otherFiles],
+    weightFiles,
+    tensors: plan.tensors.length,
+    bytesRead,
+    bytesWritten,
+    elapsedMs: Date.now() - started,
+    jobs,
+    memoryBudget: budget,
+    peakInFlightBytes: peak,
+    warnings,
+  };
+}
+
+interface ScheduleOptions {
+  concurrency: number;
+  budget: number;
+  signal: AbortSignal | undefined;
+  outDir: string;
+  onPeak: (bytes: number) => void;
+  run: (t: PlannedTensor) => Promise<void>;
+}
+
+/**
+ * Runs tensors in plan order with at most `concurrency` in flight and their summed cost within
+ * `budget` (a tensor that alone exceeds it runs alone). The first error stops admission; it is
+ * rethrown once everything in flight has settled.
+ */
+async function schedule(tensors: readonly PlannedTensor[], o: ScheduleOptions): Promise<void> {
+  let next = 0;
+  let inFlight = 0;
+  let running = 0;
+  let failure: unknown;
+  let wake: (() => void) | undefined;
+  const onAbort = () => {
+    failure ??= abortError(o.outDir);
+    wake?.();
+  };
+  o.signal?.addEventListener('abort', onAbort);
+  try {
+    while (true) {
+      if (o.signal?.aborted) failure ??= abortError(o.outDir);
+      while (failure === undefined && next < tensors.length && running < o.concurrency) {
+        const t = tensors[next]!;
+        const cost = tensorCost(t);
+        if (running > 0 && inFlight + cost > o.budget) break;
+        next++;
+        running++;
+        inFlight += cost;
+        o.onPeak(inFlight);
+        void o
+          .run(t)
+          .catch((e) => {
+            failure ??= e;
+          })
+          .finally(() => {
+            running--;
+            inFlight -= cost;
+            wake?.();
+          });
+      }
+      if (running === 0 && (failure !== undefined || next >= tensors.length)) break;
+      await new Promise<void>((r) => (wake = r));
+      wake = undefined;
+    }
+  } finally {
+    o.signal?.removeEventListener('abort', onAbort);
+  }
+  if (failure !== undefined) throw failure;
+}

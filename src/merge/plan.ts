@@ -1,0 +1,834 @@
+/**
+ * Planning a merge (merge-methods.md §6.10, §9.2): from a validated configuration and the input
+ * models' headers, the complete list of output tensors, each with the input tensors it reads,
+ * its output shape and dtype, and its fully resolved parameters. Everything that can be wrong
+ * with a configuration is found here, before any tensor data is read. The plan is plain data
+ * (JSON-serialisable); `executeMerge` carries it out.
+ */
+import { readdir, stat } from 'node:fs/promises';
+import { isAbsolute, resolve } from 'node:path';
+import { stringify as stringifyYaml } from 'yaml';
+import { AmalgamError } from '../errors.js';
+import { expandTemplate, configValue } from '../arch/templates.js';
+import type { ArchitectureDef, ResolvedArchitecture, ResolvedWeight, WeightDef, WeightSection } from '../arch/types.js';
+import { formatPath } from '../config/issues.js';
+import { effectiveOutDtype, referencedModels, sliceLayout, type LayoutSlice } from '../config/layout.js';
+import { sameModel } from '../config/model-ref.js';
+import { ParameterResolver, type TensorPosition } from '../config/parameters.js';
+import type { MergeConfig, ModelReference } from '../config/types.js';
+import { getConfigDtype, openModelFolder, setConfigDtype, type HfConfig, type HfModelFolder, type OpenModelFolderOptions } from '../io/hf.js';
+import { byteSize, isFloatDType, numel, parseFloatDType, type DType, type FloatDType } from '../tensor/dtype.js';
+import { getMergeMethod, prepareParams } from './registry.js';
+import type { MergeMethod, ResolvedParams } from './types.js';
+
+/** A model folder the merge reads. */
+export interface PlannedModel {
+  /** The model reference as written in the configuration (canonical form); inputs refer to it. */
+  id: string;
+  /** Absolute path of the model folder. */
+  path: string;
+  /** Resolved architecture definition name. */
+  architecture: string;
+  /** `architectures[0]` of its config.json, where present. */
+  configArchitecture?: string;
+  numLayers: number;
+  /** Distinct stored dtypes of its tensors. */
+  dtypes: DType[];
+  tensorCount: number;
+  /** Bytes of tensor data in the folder. */
+  bytes: number;
+  /** Hugging Face id the model's config.json records (`_name_or_path`), when it is an `org/name` id. */
+  hubId?: string;
+}
+
+/** One input tensor of an output tensor. */
+export interface PlannedInput {
+  /** Model id (see PlannedModel.id). */
+  model: string;
+  /** Name the tensor is stored under in that model (a tied stand-in where `tiedFor` is set). */
+  tensor: string;
+  /** The weight's own input name (the name per-model parameter filters saw). */
+  weight: string;
+  /** Set when the model lacks the weight and contributes the tensor it is tied to. */
+  tiedFor?: string;
+  dtype: DType;
+  shape: number[];
+}
+
+/** One output tensor. */
+export interface PlannedTensor {
+  /** Position in the plan (and in the output layout). */
+  index: number;
+  name: string;
+  dtype: DType;
+  shape: number[];
+  /** `merge`: read as float32 and merged; `copy`: a non-float tensor copied byte for byte from the first input. */
+  kind: 'merge' | 'copy';
+  section: WeightSection;
+  /** Output layer index of a layer weight. */
+  layer?: number;
+  /** Output slice it belongs to (pre weights: the first, post weights: the last). */
+  slice: number;
+  /** Gradient position used for its parameters. */
+  t: number;
+  isEmbed: boolean;
+  isOptional: boolean;
+  /** Model id of the base model among the inputs, or null. */
+  base: string | null;
+  /** In merge order: the slice's sources in configuration order. */
+  inputs: PlannedInput[];
+  /** Resolved and validated parameters (defaults applied). */
+  params: ResolvedParams;
+}
+
+export interface PlannedSlice {
+  index: number;
+  outputStart: number;
+  length: number;
+  base: string | null;
+  sources: { model: string; start: number }[];
+}
+
+export interface PlanStats {
+  tensors: number;
+  /** Values written. */
+  parameters: number;
+  /** Bytes of tensor data read from the inputs. */
+  readBytes: number;
+  /** Bytes of tensor data written. */
+  writeBytes: number;
+  /** The largest tensor (input or output) as float32. */
+  largestTensor: { name: string; f32Bytes: number };
+  /** Most inputs of any one tensor. */
+  maxInputs: number;
+  /**
+   * The executor's default memory bound for tensor buffers: (inputs + 3) × float32 size, maximised
+   * over the tensors (merge-methods.md §9.5).
+   */
+  memoryBound: number;
+}
+
+/** Everything the executor needs, as plain data. */
+export interface MergePlan {
+  formatVersion: 1;
+  method: string;
+  methodPrettyName: string;
+  methodReference?: string;
+  randomized: boolean;
+  /** Seed of randomized methods; each tensor derives its own stream from it and its name. */
+  randomSeed: number | null;
+  /** `dtype`: inputs are rounded to it when read (null: no rounding). */
+  computeDtype: FloatDType | null;
+  /** `out_dtype`, else `dtype` (null: each tensor keeps its base dtype). */
+  outDtype: FloatDType | null;
+  config: MergeConfig;
+  /** The configuration as YAML (copied into the output folder and the model card). */
+  configYaml: string;
+  baseModel: string | null;
+  models: PlannedModel[];
+  /** Model whose config.json (and tokenizer) the output takes. */
+  donor: string;
+  architecture: string;
+  /** Output layer count. */
+  numLayers: number;
+  slices: PlannedSlice[];
+  outputConfig: HfConfig;
+  tensors: PlannedTensor[];
+  /** Files copied from the donor (tokenizer, generation config); empty when not copying. */
+  tokenizerFiles: { from: string; files: string[] };
+  warnings: string[];
+  stats: PlanStats;
+}
+
+export interface PlanOptions {
+  /** Allow inputs of different architectures (mergekit's `--allow-crimes`). */
+  allowCrimes?: boolean;
+  /** Folder relative model paths are resolved against (default: the working folder). */
+  baseDir?: string;
+  /** Seed for randomized methods (default 0). */
+  randomSeed?: number;
+  /** Copy the tokenizer files of the donor model (default true). */
+  copyTokenizer?: boolean;
+  /** The configuration's YAML text, kept verbatim in the output (default: the parsed configuration re-serialised). */
+  configYaml?: string;
+  /** Receives non-fatal remarks as they are found (they are also listed in `plan.warnings`). */
+  onWarning?: (message: string) => void;
+  /**
+   * Opens a model folder (default `openModelFolder`). A hook for tests and for other sources:
+   * planning only lists tensors, so a wrapped source can prove that no tensor data is read.
+   */
+  openModel?: (dir: string, opts: OpenModelFolderOptions) => Promise<HfModelFolder>;
+}
+
+/** How a method treats `is_embed` tensors whose shapes differ between inputs (§5). */
+type EmbedPolicy = 'common' | 'base' | 'exact' | 'single';
+
+const COMMON_SUBMATRIX = new Set(['linear', 'slerp', 'nuslerp', 'karcher', 'model_stock', 'arcee_fusion']);
+const BASE_SHAPE = new Set(['task_arithmetic', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs', 'breadcrumbs_ties', 'della', 'della_linear']);
+/** Methods whose sparsifier keeps ⌊density·numel⌋ elements (k = 0 is reported up front). */
+const MAGNITUDE_TOPK = new Set(['ties']);
+
+function embedPolicy(method: string): EmbedPolicy {
+  if (method === 'passthrough') return 'single';
+  if (COMMON_SUBMATRIX.has(method)) return 'common';
+  if (BASE_SHAPE.has(method)) return 'base';
+  return 'exact';
+}
+
+const shapeStr = (s: readonly number[]) => `[${s.join(', ')}]`;
+const sameShape = (a: readonly number[], b: readonly number[]) => a.length === b.length && a.every((d, i) => d === b[i]);
+
+function configErr(message: string, key: string, hint?: string): AmalgamError {
+  return new AmalgamError('E_CONFIG', message, { key, ...(hint ? { hint } : {}) });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks that need no model
+
+/**
+ * The tokenizer step of planning. Building an output vocabulary and permuting embedding rows
+ * (`tokenizer_source` / `tokenizer:`, merge-methods.md §5) is done by the tokenizer module, which
+ * plugs in here: it returns the output vocabulary size and, per embedding input, the row order,
+ * and the planner attaches them to the embedding inputs. Until then such configurations are
+ * refused before any model is opened.
+ */
+function planTokenizer(config: MergeConfig): null {
+  for (const key of ['tokenizer', 'tokenizer_source'] as const) {
+    if (config[key] !== undefined) {
+      throw new AmalgamError('E_UNSUPPORTED', `\`${key}\` (merging tokenizers and permuting embedding rows) is not supported by amalgam merge yet`, {
+        key,
+        hint: `remove \`${key}\`; models with the same vocabulary merge without it, and embeddings of different sizes are cut to their common rows`,
+      });
+    }
+  }
+  return null;
+}
+
+function checkUnsupported(config: MergeConfig): void {
+  if (config.modules !== undefined) {
+    throw new AmalgamError('E_UNSUPPORTED', '`modules:` (multi-module models such as VLMs) is not supported by amalgam merge yet', {
+      key: 'modules',
+      hint: 'merge a single-module model with `models:` or `slices:`',
+    });
+  }
+  if (config.chat_template !== undefined) {
+    throw new AmalgamError('E_UNSUPPORTED', '`chat_template` is not supported by amalgam merge yet', {
+      key: 'chat_template',
+      hint: 'remove it; the donor model\'s tokenizer files (and their chat template) are copied as they are',
+    });
+  }
+  for (const ref of referencedModels(config)) {
+    if (ref.adapter !== undefined) {
+      throw new AmalgamError('E_UNSUPPORTED', `model \`${ref.id}\` applies a LoRA adapter (+${ref.adapter}), which amalgam merge does not support yet`, {
+        key: ref.id,
+        hint: 'merge the adapter into the model first and reference the merged folder',
+      });
+    }
+    if (ref.revision !== undefined) {
+      throw new AmalgamError('E_UNSUPPORTED', `model \`${ref.id}\` names a revision (@${ref.revision}); amalgam reads local model folders only`, {
+        key: ref.id,
+        hint: 'download that revision into a folder and reference the folder',
+      });
+    }
+  }
+}
+
+function looksLikeHubId(path: string): boolean {
+  return /^[A-Za-z0-9][\w.-]*\/[\w.-]+$/.test(path) && !path.startsWith('.');
+}
+
+async function modelDir(ref: ModelReference, baseDir: string): Promise<string> {
+  const dir = isAbsolute(ref.model) ? ref.model : resolve(baseDir, ref.model);
+  try {
+    await stat(dir);
+  } catch {
+    if (looksLikeHubId(ref.model)) {
+      throw new AmalgamError('E_IO', `model \`${ref.model}\` is not a local folder (${dir} does not exist); amalgam does not download models`, {
+        key: ref.id,
+        hint: `download it first, e.g. \`huggingface-cli download ${ref.model} --local-dir <folder>\`, and reference that folder`,
+      });
+    }
+    throw new AmalgamError('E_IO', `model folder ${dir} does not exist`, {
+      key: ref.id,
+      hint: `relative model paths are resolved against ${baseDir}`,
+    });
+  }
+  return dir;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models
+
+interface OpenedModel {
+  ref: ModelReference;
+  folder: HfModelFolder;
+  arch: ResolvedArchitecture;
+  planned: PlannedModel;
+}
+
+async function openModels(config: MergeConfig, opts: PlanOptions, warn: (m: string) => void): Promise<OpenedModel[]> {
+  const baseDir = resolve(opts.baseDir ?? process.cwd());
+  const open = opts.openModel ?? ((dir: string, o: OpenModelFolderOptions) => openModelFolder(dir, o));
+  const out: OpenedModel[] = [];
+  try {
+    for (const ref of referencedModels(config)) {
+      const dir = await modelDir(ref, baseDir);
+      const o: OpenModelFolderOptions = {};
+      if (ref.overrideArchitecture !== undefined) o.architecture = ref.overrideArchitecture;
+      let folder: HfModelFolder;
+      try {
+        folder = await open(dir, o);
+      } catch (e) {
+        if (e instanceof AmalgamError && e.key === undefined) {
+          throw new AmalgamError(e.code, `model \`${ref.id}\`: ${e.message}`, { key: ref.id, cause: e });
+        }
+        throw e;
+      }
+      const tensors = folder.source.tensors();
+      const dtypes = [...new Set(tensors.map((t) => t.dtype))];
+      let bytes = 0;
+      for (const t of tensors) bytes += byteSize(t.dtype, numel(t.shape)) ?? 0;
+      const archs = configValue(folder.config, 'architectures');
+      const planned: PlannedModel = {
+        id: ref.id,
+        path: dir,
+        architecture: folder.architecture.name,
+        numLayers: folder.architecture.numLayers,
+        dtypes,
+        tensorCount: tensors.length,
+        bytes,
+      };
+      if (Array.isArray(archs) && typeof archs[0] === 'string') planned.configArchitecture = archs[0];
+      const nameOrPath = folder.config['_name_or_path'];
+      if (typeof nameOrPath === 'string' && looksLikeHubId(nameOrPath)) planned.hubId = nameOrPath;
+      for (const w of folder.architecture.warnings) warn(`model ${ref.id}: ${w}`);
+      out.push({ ref, folder, arch: folder.architecture, planned });
+    }
+  } catch (e) {
+    await Promise.all(out.map((m) => m.folder.close().catch(() => {})));
+    throw e;
+  }
+  return out;
+}
+
+function checkArchitectures(models: OpenedModel[], allowCrimes: boolean, warn: (m: string) => void): void {
+  const first = models[0]!;
+  const label = (m: OpenedModel) => `${m.ref.id} (${m.planned.configArchitecture ?? m.arch.name})`;
+  const differing = models.filter(
+    (m) => m.arch.name !== first.arch.name || (m.planned.configArchitecture ?? '') !== (first.planned.configArchitecture ?? ''),
+  );
+  if (!differing.length) return;
+  const list = [first, ...differing].map(label).join(', ');
+  if (!allowCrimes) {
+    throw new AmalgamError('E_ARCH', `the models have different architectures: ${list}`, {
+      key: 'architectures',
+      hint: 'merge models of one architecture, or pass --allow-crimes (allowCrimes) to merge them anyway by tensor name',
+    });
+  }
+  warn(`merging models of different architectures (${list}) because crimes are allowed`);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout
+
+function modelsFormLayerCount(config: MergeConfig, byId: Map<string, OpenedModel>): number {
+  const entries = (config.models ?? []).map((m) => m.model);
+  if (config.base_model) entries.push(config.base_model);
+  const counts = entries.map((r) => ({ id: r.id, n: byId.get(r.id)!.planned.numLayers }));
+  const n = counts[0]!.n;
+  const odd = counts.filter((c) => c.n !== n);
+  if (odd.length) {
+    throw configErr(
+      `the models have different layer counts (${counts.map((c) => `${c.id}: ${c.n}`).join(', ')}); the \`models:\` form merges every layer of every model`,
+      'models',
+      'use `slices:` with explicit `layer_range`s to merge models of different depths',
+    );
+  }
+  return n;
+}
+
+function checkLayerRanges(config: MergeConfig, byId: Map<string, OpenedModel>): void {
+  config.slices?.forEach((s, i) => {
+    s.sources.forEach((src, j) => {
+      const m = byId.get(src.model.id)!;
+      const n = m.planned.numLayers;
+      const [a, b] = src.layer_range;
+      if (a < 0 || b > n || a >= b) {
+        throw configErr(
+          `layer_range [${a}, ${b}] of model ${src.model.id} is out of bounds: the model has ${n} layers (0..${n - 1})`,
+          formatPath(['slices', i, 'sources', j, 'layer_range']),
+          `the end of layer_range is exclusive, so the widest range is [0, ${n}]`,
+        );
+      }
+    });
+    const seen = new Set<string>();
+    s.sources.forEach((src, j) => {
+      if (seen.has(src.model.id)) {
+        throw configErr(
+          `model ${src.model.id} appears twice among the sources of slice ${i}; each model can give one tensor per output tensor`,
+          formatPath(['slices', i, 'sources', j, 'model']),
+          'put the layer ranges into separate slices',
+        );
+      }
+      seen.add(src.model.id);
+    });
+  });
+  if (config.models) {
+    const seen = new Set<string>();
+    config.models.forEach((m, i) => {
+      if (seen.has(m.model.id)) {
+        throw configErr(`model ${m.model.id} is listed twice`, formatPath(['models', i, 'model']), 'list each model once');
+      }
+      seen.add(m.model.id);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs of one output tensor
+
+interface Found {
+  stored: string;
+  tiedFor?: string;
+}
+
+/** Where a model keeps a weight: its own name or an alias, else a tied stand-in, else nothing. */
+function findWeight(m: OpenedModel, name: string, aliases: string[], tiedNames: string[]): Found | null {
+  let w: ResolvedWeight | undefined = m.arch.weight(name);
+  for (const a of aliases) w ??= m.arch.weight(a);
+  if (w) {
+    if (w.present && w.storedName !== undefined) return { stored: w.storedName };
+    if (w.tiedTo !== undefined) return { stored: w.tiedTo, tiedFor: name };
+    return null;
+  }
+  // A model of another architecture (allowed crimes): look the names up directly.
+  for (const n of [name, ...aliases]) if (m.folder.source.has(n)) return { stored: n };
+  for (const t of tiedNames) {
+    const tw = m.arch.weight(t);
+    if (tw?.present && tw.storedName !== undefined) return { stored: tw.storedName, tiedFor: name };
+    if (m.folder.source.has(t)) return { stored: t, tiedFor: name };
+  }
+  return null;
+}
+
+interface OutputWeight {
+  def: WeightDef;
+  section: WeightSection;
+  /** Output layer, for layer weights. */
+  layer?: number;
+  name: string;
+}
+
+function outputWeights(def: ArchitectureDef, numLayers: number): OutputWeight[] {
+  const out: OutputWeight[] = [];
+  for (const w of def.pre) out.push({ def: w, section: 'pre', name: expandTemplate(w.name, undefined, numLayers) });
+  for (let l = 0; l < numLayers; l++) {
+    for (const w of def.layer) out.push({ def: w, section: 'layer', layer: l, name: expandTemplate(w.name, l, numLayers) });
+  }
+  for (const w of def.post) out.push({ def: w, section: 'post', name: expandTemplate(w.name, undefined, numLayers) });
+  return out;
+}
+
+function setDotted(obj: Record<string, unknown>, path: string, value: unknown): void {
+  const parts = path.split('.');
+  let cur: Record<string, unknown> = obj;
+  for (const p of parts.slice(0, -1)) {
+    const next = cur[p];
+    if (next === null || typeof next !== 'object' || Array.isArray(next)) cur[p] = {};
+    cur = cur[p] as Record<string, unknown>;
+  }
+  cur[parts[parts.length - 1]!] = value;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizer files
+
+const TOKENIZER_FILE = [
+  /^tokenizer.*\.json$/,
+  /^tokenizer\.model$/,
+  /^spiece\.model$/,
+  /^sentencepiece\.bpe\.model$/,
+  /^special_tokens_map\.json$/,
+  /^merges\.txt$/,
+  /^vocab\.(json|txt)$/,
+  /^added_tokens\.json$/,
+  /^chat_template\..+$/,
+  /^generation_config\.json$/,
+  /^(preprocessor|processor)_config\.json$/,
+];
+
+async function tokenizerFiles(dir: string): Promise<string[]> {
+  const entries = await readdir(dir, { withFileTypes: true });
+  return entries
+    .filter((e) => (e.isFile() || e.isSymbolicLink()) && TOKENIZER_FILE.some((re) => re.test(e.name)))
+    .map((e) => e.name)
+    .sort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The planner
+
+/** A parsed configuration back as YAML, model references in their string form. */
+export function configToYaml(config: MergeConfig): string {
+  const plain = (v: unknown): unknown => {
+    if (Array.isArray(v)) return v.map(plain);
+    if (v !== null && typeof v === 'object') {
+      const o = v as Record<string, unknown>;
+      if (typeof o.id === 'string' && typeof o.model === 'string' && o.overrideArchitecture === undefined) return o.id;
+      if (typeof o.id === 'string' && typeof o.model === 'string') return { model: o.id, override_architecture: o.overrideArchitecture };
+      return Object.fromEntries(
+        Object.entries(o)
+          .filter(([, x]) => x !== undefined)
+          .map(([k, x]) => [k, plain(x)]),
+      );
+    }
+    return v;
+  };
+  return stringifyYaml(plain(config));
+}
+
+/**
+ * Plans a merge: opens every referenced model (headers only), checks architectures, layer ranges,
+ * shapes and parameters, and lists every output tensor with its inputs and resolved parameters.
+ * Every error is an AmalgamError naming the key or tensor and the fix, raised before any tensor
+ * data is read.
+ */
+export async function planMerge(config: MergeConfig, opts: PlanOptions = {}): Promise<MergePlan> {
+  const warnings: string[] = [];
+  const warn = (m: string) => {
+    warnings.push(m);
+    opts.onWarning?.(m);
+  };
+  const method: MergeMethod = getMergeMethod(config.merge_method);
+  checkUnsupported(config);
+  planTokenizer(config);
+
+  const models = await openModels(config, opts, warn);
+  try {
+    return await buildPlan(config, method, models, opts, warn, warnings);
+  } finally {
+    await Promise.all(models.map((m) => m.folder.close().catch(() => {})));
+  }
+}
+
+async function buildPlan(
+  config: MergeConfig,
+  method: MergeMethod,
+  models: OpenedModel[],
+  opts: PlanOptions,
+  warn: (m: string) => void,
+  warnings: string[],
+): Promise<MergePlan> {
+  const byId = new Map(models.map((m) => [m.ref.id, m]));
+  checkArchitectures(models, !!opts.allowCrimes, warn);
+  checkLayerRanges(config, byId);
+
+  const modelsForm = !config.slices;
+  const layerCount = modelsForm ? modelsFormLayerCount(config, byId) : undefined;
+  const layout: LayoutSlice[] = sliceLayout(config, modelsForm ? { layerCount } : {});
+  const outLayers = layout.reduce((n, s) => n + s.length, 0);
+
+  // Base models must take part in the slices they are the base of.
+  if (method.needsBase !== 'none') {
+    layout.forEach((s) => {
+      if (s.base_model && !s.sources.some((src) => sameModel(src.model, s.base_model!))) {
+        throw configErr(
+          `the base model ${s.base_model.id} is not one of the sources of slice ${s.slice}; ${method.name} reads the base model's tensors`,
+          formatPath(['slices', s.slice, 'sources']),
+          `add {model: ${s.base_model.id}, layer_range: [...]} to the slice's sources`,
+        );
+      }
+    });
+  }
+
+  const donorRef = config.base_model ?? referencedModels(config)[0]!;
+  const donor = byId.get(donorRef.id)!;
+  const def = donor.arch.definition;
+  const computeDtype = config.dtype ? (parseFloatDType(config.dtype) ?? null) : null;
+  const outDtypeName = effectiveOutDtype(config);
+  const outDtype = outDtypeName ? (parseFloatDType(outDtypeName) ?? null) : null;
+  const resolver = new ParameterResolver(config);
+  const policy = embedPolicy(method.name);
+
+  const tensors: PlannedTensor[] = [];
+  const kZero: string[] = [];
+  /** Rows of the first embedding cut to a common size. */
+  let truncatedRows: number | undefined;
+
+  for (const ow of outputWeights(def, outLayers)) {
+    let slice: LayoutSlice;
+    let inLayerOffset = 0;
+    if (ow.section === 'pre') slice = layout[0]!;
+    else if (ow.section === 'post') slice = layout[layout.length - 1]!;
+    else {
+      slice = layout.find((s) => ow.layer! >= s.outputStart && ow.layer! < s.outputStart + s.length)!;
+      inLayerOffset = ow.layer! - slice.outputStart;
+    }
+
+    // Inputs, in source order.
+    const inputs: PlannedInput[] = [];
+    let anyPresent = false;
+    const missing: string[] = [];
+    for (const src of slice.sources) {
+      const m = byId.get(src.model.id)!;
+      const inLayer = ow.section === 'layer' ? src.start + inLayerOffset : undefined;
+      const n = m.planned.numLayers;
+      const name = expandTemplate(ow.def.name, inLayer, n);
+      const aliases = (ow.def.aliases ?? []).map((a) => expandTemplate(a, inLayer, n));
+      const tied = (ow.def.tiedNames ?? []).map((a) => expandTemplate(a, inLayer, n));
+      const found = findWeight(m, name, aliases, tied);
+      if (!found) {
+        missing.push(m.ref.id);
+        continue;
+      }
+      if (found.tiedFor === undefined) anyPresent = true;
+      const info = m.folder.source.info(found.stored);
+      const input: PlannedInput = { model: m.ref.id, tensor: found.stored, weight: name, dtype: info.dtype, shape: info.shape };
+      if (found.tiedFor !== undefined) input.tiedFor = found.tiedFor;
+      inputs.push(input);
+    }
+    if (ow.def.optional && !anyPresent) continue;
+    if (missing.length && !ow.def.optional) {
+      throw new AmalgamError('E_MISSING', `model(s) ${missing.join(', ')} have no such tensor`, {
+        key: ow.name,
+        hint: 'every input model needs every required weight of the output architecture; check that the models are of one family',
+      });
+    }
+    if (!inputs.length) continue;
+
+    const baseRef = slice.base_model;
+    const baseId = baseRef && inputs.some((i) => i.model === baseRef.id) ? baseRef.id : null;
+    if (baseRef && baseId === null && method.needsBase !== 'none') {
+      throw new AmalgamError('E_MISSING', `the base model ${baseRef.id} has no such tensor, but ${inputs.map((i) => i.model).join(', ')} have it`, {
+        key: ow.name,
+        hint: `${method.name} merges differences from the base model, so the base model needs every merged tensor`,
+      });
+    }
+
+    // Parameters.
+    const pos: TensorPosition =
+      ow.section === 'layer' ? { layer: ow.layer!, ...(modelsForm ? { layerCount: outLayers } : {}) } : { position: ow.section };
+    const raw: { global: Record<string, unknown>; perModel: Record<string, Record<string, unknown>> } = { global: {}, perModel: {} };
+    for (const name of Object.keys(method.globalParams)) {
+      const v = resolver.value({ name, tensor: ow.name, ...pos });
+      if (v !== undefined) raw.global[name] = v;
+    }
+    for (const input of inputs) {
+      const ref = byId.get(input.model)!.ref;
+      const values: Record<string, unknown> = {};
+      for (const name of Object.keys(method.perModelParams)) {
+        const v = resolver.value({ name, tensor: ow.name, model: ref, inputTensor: input.weight, ...pos });
+        if (v !== undefined) values[name] = v;
+      }
+      raw.perModel[input.model] = values;
+    }
+    const modelIds = inputs.map((i) => i.model);
+    const params = prepareParams(method, { tensorName: ow.name, models: modelIds, base: baseId }, raw);
+    const { t } = resolver.position(pos);
+
+    // Shapes.
+    const isEmbed = !!ow.def.isEmbed;
+    const floatInputs = inputs.every((i) => isFloatDType(i.dtype));
+    let shape = inputs[0]!.shape;
+    const differ = inputs.filter((i) => !sameShape(i.shape, shape));
+    if (differ.length) {
+      const list = inputs.map((i) => `${i.model} ${shapeStr(i.shape)}`).join(', ');
+      const all2d = inputs.every((i) => i.shape.length === 2);
+      if (!isEmbed || !all2d || policy === 'exact' || policy === 'single') {
+        throw new AmalgamError('E_SHAPE', `the models' tensors have different shapes: ${list}`, {
+          key: ow.name,
+          hint: isEmbed
+            ? `${method.name} needs equal shapes; embeddings of different vocabularies need a tokenizer configuration (not supported yet)`
+            : 'the models are not of the same size; merge models of one configuration',
+        });
+      }
+      if (policy === 'base' && baseId !== null) {
+        const b = inputs.find((i) => i.model === baseId)!;
+        const smaller = inputs.filter((i) => i.shape[0]! < b.shape[0]! || i.shape[1]! < b.shape[1]!);
+        if (smaller.length) {
+          throw new AmalgamError(
+            'E_SHAPE',
+            `embedding of ${smaller.map((i) => `${i.model} ${shapeStr(i.shape)}`).join(', ')} is smaller than the base model's ${shapeStr(b.shape)}`,
+            { key: ow.name, hint: `${method.name} cuts every model to the base model's vocabulary; use a base model with the smallest vocabulary, or set tokenizer_source (not supported yet)` },
+          );
+        }
+        shape = b.shape;
+        warn(`${ow.name}: embeddings differ in size (${list}); each is cut to the base model's ${shapeStr(shape)}`);
+      } else {
+        shape = [Math.min(...inputs.map((i) => i.shape[0]!)), Math.min(...inputs.map((i) => i.shape[1]!))];
+        warn(`${ow.name}: embeddings differ in size (${list}); the common submatrix ${shapeStr(shape)} is merged`);
+      }
+      truncatedRows ??= shape[0];
+    }
+
+    const first = (baseId !== null ? inputs.find((i) => i.model === baseId) : undefined) ?? inputs[0]!;
+    const kind: PlannedTensor['kind'] = floatInputs ? 'merge' : 'copy';
+    if (!floatInputs) {
+      const bad = inputs.filter((i) => i.dtype !== first.dtype || !sameShape(i.shape, first.shape));
+      if (bad.length) {
+        throw new AmalgamError('E_DTYPE', `non-float tensor differs between models (${inputs.map((i) => `${i.model} ${i.dtype} ${shapeStr(i.shape)}`).join(', ')})`, {
+          key: ow.name,
+          hint: 'integer and boolean tensors are copied, not merged, so every model must store the same one',
+        });
+      }
+    }
+    const dtype: DType = kind === 'copy' ? first.dtype : (outDtype ?? (first.dtype as FloatDType));
+
+    if (MAGNITUDE_TOPK.has(method.name)) {
+      const count = numel(shape);
+      for (const input of inputs) {
+        if (input.model === baseId) continue;
+        const d = params.perModel[input.model]?.density;
+        if (typeof d === 'number' && d < 1 && Math.trunc(d * count) === 0) kZero.push(`${ow.name} (${input.model}, density ${d})`);
+      }
+    }
+
+    const planned: PlannedTensor = {
+      index: tensors.length,
+      name: ow.name,
+      dtype,
+      shape: shape.slice(),
+      kind,
+      section: ow.section,
+      slice: slice.slice,
+      t,
+      isEmbed,
+      isOptional: !!ow.def.optional,
+      base: baseId,
+      inputs,
+      params,
+    };
+    if (ow.layer !== undefined) planned.layer = ow.layer;
+    tensors.push(planned);
+  }
+
+  if (kZero.length) {
+    warn(
+      `density keeps no element (⌊density·numel⌋ = 0) of ${kZero.length} task vector(s), which become zeros (mergekit would abort): ${kZero.slice(0, 5).join('; ')}${kZero.length > 5 ? '; ...' : ''}`,
+    );
+  }
+  if (method.name === 'model_stock') {
+    for (const t of tensors) {
+      const others = t.inputs.filter((i) => i.model !== t.base).length;
+      if (others === 1) {
+        throw new AmalgamError('E_CONFIG', `model_stock needs the base model plus at least two other models with this tensor, got ${t.inputs.length}`, {
+          key: t.name,
+          hint: 'add more models, or use another method for two models',
+        });
+      }
+    }
+  }
+
+  // Output config.json: the donor's, with the layer count, dtype, vocabulary and tie flag updated.
+  const outputConfig = structuredClone(donor.folder.config) as HfConfig;
+  setDotted(outputConfig, def.numLayersKey, outLayers);
+  const written = new Set(tensors.map((t) => t.name));
+  const configDtype = outDtype ?? safeConfigDtype(donor.folder.config) ?? dominantDtype(tensors);
+  if (configDtype) setConfigDtype(outputConfig, configDtype);
+  const vocabKey = def.vocabSizeKey ?? 'vocab_size';
+  const donorVocab = configValue(donor.folder.config, vocabKey);
+  if (truncatedRows !== undefined && donorVocab !== truncatedRows) {
+    setDotted(outputConfig, vocabKey, truncatedRows);
+    warn(`${vocabKey} of the output config is set to ${truncatedRows} (the embedding rows written); the copied tokenizer may not match the truncated vocabulary`);
+  }
+  const tiedDefs = [...def.pre, ...def.post].filter((w) => w.optional && (w.tiedNames ?? []).length);
+  if (tiedDefs.length) {
+    const headWritten = tiedDefs.some((w) => written.has(expandTemplate(w.name, undefined, outLayers)));
+    const flag = configValue(donor.folder.config, 'tie_word_embeddings');
+    if (typeof flag === 'boolean' && flag === headWritten) {
+      outputConfig['tie_word_embeddings'] = !headWritten;
+      warn(
+        headWritten
+          ? 'some inputs have an untied output head, so it is written and tie_word_embeddings is set to false'
+          : 'no input has an output head, so tie_word_embeddings is set to true',
+      );
+    }
+  }
+
+  const copyTok = opts.copyTokenizer ?? true;
+  const tokFiles = copyTok ? await tokenizerFiles(donor.planned.path) : [];
+
+  const randomSeed = method.randomized ? (opts.randomSeed ?? 0) : (opts.randomSeed ?? null);
+  if (randomSeed !== null && (!Number.isSafeInteger(randomSeed) || randomSeed < 0)) {
+    throw new AmalgamError('E_USAGE', `random seed must be a non-negative integer, got ${randomSeed}`, { key: 'random-seed' });
+  }
+
+  // Statistics.
+  let readBytes = 0;
+  let writeBytes = 0;
+  let parameters = 0;
+  let largest = { name: '', f32Bytes: 0 };
+  let maxInputs = 0;
+  let memoryBound = 0;
+  for (const t of tensors) {
+    const n = numel(t.shape);
+    parameters += n;
+    writeBytes += byteSize(t.dtype, n) ?? 0;
+    let big = n * 4;
+    for (const i of t.inputs) {
+      const ni = numel(i.shape);
+      readBytes += byteSize(i.dtype, ni) ?? 0;
+      big = Math.max(big, ni * 4);
+    }
+    if (big > largest.f32Bytes) largest = { name: t.name, f32Bytes: big };
+    maxInputs = Math.max(maxInputs, t.inputs.length);
+    memoryBound = Math.max(memoryBound, tensorCost(t));
+  }
+
+  const baseModel = config.base_model?.id ?? null;
+  return {
+    formatVersion: 1,
+    method: method.name,
+    methodPrettyName: method.prettyName,
+    ...(method.reference ? { methodReference: method.reference } : {}),
+    randomized: method.randomized,
+    randomSeed,
+    computeDtype,
+    outDtype,
+    config,
+    configYaml: opts.configYaml ?? configToYaml(config),
+    baseModel,
+    models: models.map((m) => m.planned),
+    donor: donor.ref.id,
+    architecture: donor.arch.name,
+    numLayers: outLayers,
+    slices: layout.map((s) => ({
+      index: s.slice,
+      outputStart: s.outputStart,
+      length: s.length,
+      base: s.base_model?.id ?? null,
+      sources: s.sources.map((src) => ({ model: src.model.id, start: src.start })),
+    })),
+    outputConfig,
+    tensors,
+    tokenizerFiles: { from: donor.ref.id, files: tokFiles },
+    warnings,
+    stats: { tensors: tensors.length, parameters, readBytes, writeBytes, largestTensor: largest, maxInputs, memoryBound },
+  };
+}
+
+/**
+ * Estimated resident bytes while a tensor is merged: its inputs as float32 plus three
+ * output-sized buffers (the result, its encoded form, one scratch array).
+ */
+export function tensorCost(t: Pick<PlannedTensor, 'shape' | 'inputs'>): number {
+  let size = numel(t.shape) * 4;
+  for (const i of t.inputs) size = Math.max(size, numel(i.shape) * 4);
+  return size * (t.inputs.length + 3);
+}
+
+function safeConfigDtype(config: HfConfig): FloatDType | undefined {
+  try {
+    return getConfigDtype(config);
+  } catch {
+    return undefined;
+  }
+}
+
+function dominantDtype(tensors: PlannedTensor[]): FloatDType | undefined {
+  const count = new Map<FloatDType, number>();
+  for (const t of tensors) if (isFloatDType(t.dtype)) count.set(t.dtype, (count.get(t.dtype) ?? 0) + numel(t.shape));
+  let best: FloatDType | undefined;
+  for (const [d, n] of count) if (best === undefined || n > count.get(best)!) best = d;
+  return best;
+}
