@@ -207,14 +207,13 @@ test('input counts and the base model requirement are checked per method', async
   assert.match(e.message, /appears twice among the sources of slice 0/);
 });
 
-test('tokenizer merging, modules, adapters, revisions and missing folders are refused up front', async () => {
+test('adapters, revisions, hub ids, modules and missing folders are refused up front', async () => {
+  // Tokenizer merging itself is covered in merge-tokenizer.test.ts; a model without tokenizer.json
+  // cannot be the vocabulary donor.
   let e = await refused('merge_method: linear\ntokenizer_source: union\nmodels:\n  - {model: a, parameters: {weight: 1}}\n');
-  assert.equal(e.code, 'E_UNSUPPORTED');
-  assert.equal(e.key, 'tokenizer_source');
-  assert.match(e.message, /remove `tokenizer_source`/);
-
-  e = await refused('merge_method: linear\ntokenizer: {source: base}\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 1}}\n');
+  assert.equal(e.code, 'E_MISSING');
   assert.equal(e.key, 'tokenizer');
+  assert.match(e.message, /has no tokenizer\.json/);
 
   e = await refused('merge_method: linear\nmodels:\n  - {model: a+some/adapter, parameters: {weight: 1}}\n');
   assert.equal(e.code, 'E_UNSUPPORTED');

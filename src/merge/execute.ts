@@ -27,7 +27,8 @@ import { openSafetensors, ShardedSafetensorsWriter } from '../io/safetensors.js'
 import type { TensorSource } from '../io/source.js';
 import { byteSize, numel } from '../tensor/dtype.js';
 import { AMALGAM_VERSION, writeOutputFiles } from './output.js';
-import { tensorCost, type MergePlan, type PlannedTensor } from './plan.js';
+import { buildPermutedEmbedding, permutedEmbeddingSources, type EmbeddingMatrix } from './embed.js';
+import { embeddingPermutation, tensorCost, type MergePlan, type PlannedTensor } from './plan.js';
 import {
   computeTensor,
   deserializeError,
@@ -312,13 +313,17 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
             }
             const inputs: ComputeInput[] = [];
             let readBytes = 0;
-            for (const i of t.inputs) {
-              const data = transferable(await sources.get(i.model)!.readF32(i.tensor));
-              if (data.length !== numel(i.shape)) {
-                throw new AmalgamError('E_SHAPE', `read ${data.length} values from model ${i.model}, expected ${numel(i.shape)}`, { key: t.name });
+            if (t.permutation) {
+              readBytes = await readPermutedInputs(plan, t, sources, inputs);
+            } else {
+              for (const i of t.inputs) {
+                const data = transferable(await sources.get(i.model)!.readF32(i.tensor));
+                if (data.length !== numel(i.shape)) {
+                  throw new AmalgamError('E_SHAPE', `read ${data.length} values from model ${i.model}, expected ${numel(i.shape)}`, { key: t.name });
+                }
+                readBytes += byteSize(i.dtype, data.length) ?? 0;
+                inputs.push({ model: i.model, shape: i.shape, data });
               }
-              readBytes += byteSize(i.dtype, data.length) ?? 0;
-              inputs.push({ model: i.model, shape: i.shape, data });
             }
             if (signal?.aborted) throw abortError(outDir);
             const task: ComputeTask = {
@@ -405,6 +410,40 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
     peakInFlightBytes: peak,
     warnings,
   };
+}
+
+/**
+ * Reads the inputs of an embedding merged on a built vocabulary and appends each one's matrix,
+ * permuted onto the output vocabulary (merge-methods.md §5), to `out`. A model's matrix is read
+ * when first needed and dropped after its last use. Returns the bytes read.
+ */
+async function readPermutedInputs(plan: MergePlan, t: PlannedTensor, sources: Map<string, TensorSource>, out: ComputeInput[]): Promise<number> {
+  if (!plan.tokenizer) {
+    throw new AmalgamError('E_CONFIG', 'the plan permutes this embedding but has no output vocabulary', { key: t.name, hint: 'plan the merge again' });
+  }
+  const perm = embeddingPermutation(t, plan.tokenizer.tokens);
+  const byModel = new Map(t.inputs.map((i) => [i.model, i] as const));
+  const needs = t.inputs.map((i) => permutedEmbeddingSources(perm, i.model));
+  const lastUse = new Map<string, number>();
+  needs.forEach((models, k) => models.forEach((m) => lastUse.set(m, k)));
+  const matrices = new Map<string, EmbeddingMatrix>();
+  let readBytes = 0;
+  for (const [k, i] of t.inputs.entries()) {
+    for (const m of needs[k]!) {
+      if (matrices.has(m)) continue;
+      const src = byModel.get(m);
+      if (!src) throw new AmalgamError('E_MISSING', `the permutation takes rows of model ${m}, which is not an input of this tensor`, { key: t.name });
+      const data = await sources.get(m)!.readF32(src.tensor);
+      if (data.length !== numel(src.shape)) {
+        throw new AmalgamError('E_SHAPE', `read ${data.length} values from model ${m}, expected ${numel(src.shape)}`, { key: t.name });
+      }
+      readBytes += byteSize(src.dtype, data.length) ?? 0;
+      matrices.set(m, { data, shape: src.shape });
+    }
+    out.push({ model: i.model, shape: t.shape.slice(), data: transferable(buildPermutedEmbedding(perm, i.model, matrices)) });
+    for (const m of needs[k]!) if (lastUse.get(m) === k) matrices.delete(m);
+  }
+  return readBytes;
 }
 
 interface ScheduleOptions {

@@ -25,8 +25,8 @@ export type {
   ValidateContext,
 } from './registry.js';
 export { tensorRng, givenMaskSource, rngMaskSource } from './sparsify.js';
-export { planMerge, configToYaml, tensorCost } from './plan.js';
-export type { MergePlan, PlannedModel, PlannedInput, PlannedTensor, PlannedSlice, PlanStats, PlanOptions } from './plan.js';
+export { planMerge, configToYaml, tensorCost, embeddingPermutation } from './plan.js';
+export type { MergePlan, PlannedModel, PlannedInput, PlannedTensor, PlannedSlice, PlanStats, PlanOptions, PlannedPermutation, PlannedTokenizer } from './plan.js';
 export { executeMerge, defaultJobs } from './execute.js';
 export type { ExecuteOptions, ExecuteResult, MergeProgress } from './execute.js';
 export { modelCard, outputConfigJson, writeOutputFiles, AMALGAM_VERSION } from './output.js';

@@ -1,7 +1,8 @@
 /**
  * The non-weight files of a merged model folder (merge-methods.md §7.3–§7.5): `config.json`, the
  * model card `README.md`, the configuration (`mergekit_config.yml`, and `amalgam_config.yml`) and
- * the tokenizer files copied from the donor model.
+ * the tokenizer files: copied from the donor model, or written from the plan (a built tokenizer,
+ * a chat template).
  */
 import { copyFile, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
@@ -108,9 +109,11 @@ export async function writeOutputFiles(
   if (opts.writeModelCard ?? true) {
     await put('README.md', modelCard(plan, { name: opts.name ?? basename(dir) }));
   }
+  const generated = plan.generatedFiles ?? {};
   const donor = plan.models.find((m) => m.id === plan.tokenizerFiles.from);
   if (donor) {
     for (const f of plan.tokenizerFiles.files) {
+      if (Object.prototype.hasOwnProperty.call(generated, f)) continue;
       const src = join(donor.path, f);
       try {
         await copyFile(src, join(dir, f));
@@ -120,5 +123,6 @@ export async function writeOutputFiles(
       files.push(f);
     }
   }
+  for (const [name, text] of Object.entries(generated)) await put(name, text);
   return files;
 }

@@ -5,19 +5,36 @@
  * with a configuration is found here, before any tensor data is read. The plan is plain data
  * (JSON-serialisable); `executeMerge` carries it out.
  */
-import { readdir, stat } from 'node:fs/promises';
-import { isAbsolute, resolve } from 'node:path';
+import { readdir, readFile, stat } from 'node:fs/promises';
+import { isAbsolute, join, resolve } from 'node:path';
 import { stringify as stringifyYaml } from 'yaml';
 import { AmalgamError } from '../errors.js';
 import { expandTemplate, configValue } from '../arch/templates.js';
 import type { ArchitectureDef, ResolvedArchitecture, ResolvedWeight, WeightDef, WeightSection } from '../arch/types.js';
 import { formatPath } from '../config/issues.js';
-import { effectiveOutDtype, referencedModels, sliceLayout, type LayoutSlice } from '../config/layout.js';
+import { effectiveOutDtype, effectiveTokenizer, referencedModels, sliceLayout, type LayoutSlice } from '../config/layout.js';
 import { sameModel } from '../config/model-ref.js';
 import { ParameterResolver, type TensorPosition } from '../config/parameters.js';
-import type { MergeConfig, ModelReference } from '../config/types.js';
+import type { MergeConfig, ModelReference, TokenizerConfig } from '../config/types.js';
 import { getConfigDtype, openModelFolder, setConfigDtype, type HfConfig, type HfModelFolder, type OpenModelFolderOptions } from '../io/hf.js';
 import { byteSize, isFloatDType, numel, parseFloatDType, type DType, type FloatDType } from '../tensor/dtype.js';
+import {
+  buildMergedVocabulary,
+  loadModelTokenizer,
+  mergedTokenizerFiles,
+  resolveChatTemplate,
+  withChatTemplate,
+  type MergedVocabulary,
+  type ModelTokenizer,
+} from '../tokenizer/merge.js';
+import {
+  checkEmbeddingWidths,
+  planEmbeddingPermutation,
+  plannedEmbedShape,
+  type DefaultRow,
+  type EmbeddingPermutation,
+  type EmbeddingRowRef,
+} from './embed.js';
 import { getMergeMethod, prepareParams } from './registry.js';
 import type { MergeMethod, ResolvedParams } from './types.js';
 
@@ -79,6 +96,42 @@ export interface PlannedTensor {
   inputs: PlannedInput[];
   /** Resolved and validated parameters (defaults applied). */
   params: ResolvedParams;
+  /**
+   * Set for an embedding merged on a built output vocabulary: each input is permuted onto it
+   * (`shape` is then [output rows, width]; the inputs keep their own shapes).
+   */
+  permutation?: PlannedPermutation;
+}
+
+/** The permutation of one embedding tensor onto the output vocabulary, as plain data (see `merge/embed.ts`). */
+export interface PlannedPermutation {
+  /** The models whose rows are used: the tensor's inputs. */
+  models: string[];
+  /** The base model of the default-row rule, or null. */
+  base: string | null;
+  /** Output token ids 0 … tokenCount − 1; rows from tokenCount on are padding. */
+  tokenCount: number;
+  /** Rows of every permuted matrix. */
+  rowCount: number;
+  /** Per model: for each output token id, the model's own row, or −1 for the token's default row. */
+  rows: { model: string; rows: number[] }[];
+  /** Default rows, by output token id: the mean of `from` (none: zeros). */
+  defaults: { id: number; rule: DefaultRow['rule']; from: EmbeddingRowRef[] }[];
+}
+
+/** The output vocabulary built for `tokenizer` / `tokenizer_source`. */
+export interface PlannedTokenizer {
+  /** `base`, `union`, or the id of the model whose tokenizer is used. */
+  source: string;
+  /** The model the vocabulary starts from: `base_model`, else the first model. */
+  base: string;
+  /** Output token by id (null where no token has the id). */
+  tokens: (string | null)[];
+  tokenCount: number;
+  /** Rows of the output embeddings: the output `vocab_size`. */
+  rowCount: number;
+  /** Tokens appended to the donor tokenizer, in id order. */
+  appended: string[];
 }
 
 export interface PlannedSlice {
@@ -136,6 +189,15 @@ export interface MergePlan {
   tensors: PlannedTensor[];
   /** Files copied from the donor (tokenizer, generation config); empty when not copying. */
   tokenizerFiles: { from: string; files: string[] };
+  /** Set when an output vocabulary was built (`tokenizer` / `tokenizer_source`). */
+  tokenizer: PlannedTokenizer | null;
+  /** The chat template written to the output (`chat_template`), or null. */
+  chatTemplate: string | null;
+  /**
+   * Tokenizer files written by amalgam, name → contents: the built tokenizer, or the donor's
+   * tokenizer_config.json with the chat template set. They replace copied files of the same name.
+   */
+  generatedFiles: Record<string, string>;
   warnings: string[];
   stats: PlanStats;
 }
@@ -160,20 +222,8 @@ export interface PlanOptions {
   openModel?: (dir: string, opts: OpenModelFolderOptions) => Promise<HfModelFolder>;
 }
 
-/** How a method treats `is_embed` tensors whose shapes differ between inputs (§5). */
-type EmbedPolicy = 'common' | 'base' | 'exact' | 'single';
-
-const COMMON_SUBMATRIX = new Set(['linear', 'slerp', 'nuslerp', 'karcher', 'model_stock', 'arcee_fusion']);
-const BASE_SHAPE = new Set(['task_arithmetic', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs', 'breadcrumbs_ties', 'della', 'della_linear']);
 /** Methods whose sparsifier keeps ⌊density·numel⌋ elements (k = 0 is reported up front). */
 const MAGNITUDE_TOPK = new Set(['ties']);
-
-function embedPolicy(method: string): EmbedPolicy {
-  if (method === 'passthrough') return 'single';
-  if (COMMON_SUBMATRIX.has(method)) return 'common';
-  if (BASE_SHAPE.has(method)) return 'base';
-  return 'exact';
-}
 
 const shapeStr = (s: readonly number[]) => `[${s.join(', ')}]`;
 const sameShape = (a: readonly number[], b: readonly number[]) => a.length === b.length && a.every((d, i) => d === b[i]);
@@ -185,36 +235,11 @@ function configErr(message: string, key: string, hint?: string): AmalgamError {
 // ---------------------------------------------------------------------------------------------
 // Checks that need no model
 
-/**
- * The tokenizer step of planning. Building an output vocabulary and permuting embedding rows
- * (`tokenizer_source` / `tokenizer:`, merge-methods.md §5) is done by the tokenizer module, which
- * plugs in here: it returns the output vocabulary size and, per embedding input, the row order,
- * and the planner attaches them to the embedding inputs. Until then such configurations are
- * refused before any model is opened.
- */
-function planTokenizer(config: MergeConfig): null {
-  for (const key of ['tokenizer', 'tokenizer_source'] as const) {
-    if (config[key] !== undefined) {
-      throw new AmalgamError('E_UNSUPPORTED', `\`${key}\` (merging tokenizers and permuting embedding rows) is not supported by amalgam merge yet`, {
-        key,
-        hint: `remove \`${key}\`; models with the same vocabulary merge without it, and embeddings of different sizes are cut to their common rows`,
-      });
-    }
-  }
-  return null;
-}
-
 function checkUnsupported(config: MergeConfig): void {
   if (config.modules !== undefined) {
     throw new AmalgamError('E_UNSUPPORTED', '`modules:` (multi-module models such as VLMs) is not supported by amalgam merge yet', {
       key: 'modules',
       hint: 'merge a single-module model with `models:` or `slices:`',
-    });
-  }
-  if (config.chat_template !== undefined) {
-    throw new AmalgamError('E_UNSUPPORTED', '`chat_template` is not supported by amalgam merge yet', {
-      key: 'chat_template',
-      hint: 'remove it; the donor model\'s tokenizer files (and their chat template) are copied as they are',
     });
   }
   for (const ref of referencedModels(config)) {
@@ -465,6 +490,158 @@ async function tokenizerFiles(dir: string): Promise<string[]> {
     .sort();
 }
 
+/** Donor files still valid beside a built tokenizer. */
+const KEPT_WITH_BUILT_TOKENIZER = [/^generation_config\.json$/, /^(preprocessor|processor)_config\.json$/];
+
+const jsonText = (v: unknown) => JSON.stringify(v, null, 2) + '\n';
+
+interface TokenizerStep {
+  config: TokenizerConfig | undefined;
+  vocab: MergedVocabulary | null;
+  /** Tokenizer files by model id (null: unreadable); only loaded with `tokenizer` or `chat_template`. */
+  tokenizers: Map<string, ModelTokenizer | null>;
+  chatTemplate: string | undefined;
+  /** Files written for a built tokenizer. */
+  files: Record<string, string>;
+}
+
+/**
+ * Reads the models' tokenizer files and, with `tokenizer` / `tokenizer_source`, builds the output
+ * vocabulary (merge-methods.md §5, §6.7); resolves `chat_template` (§6.8). Headers and JSON only.
+ * The base's and the source model's tokenizer files must be readable; another model's that are
+ * not are treated as missing (a warning).
+ */
+async function planTokenizer(config: MergeConfig, models: OpenedModel[], opts: PlanOptions, warn: (m: string) => void): Promise<TokenizerStep> {
+  const tokCfg = effectiveTokenizer(config);
+  const step: TokenizerStep = { config: tokCfg, vocab: null, tokenizers: new Map(), chatTemplate: undefined, files: {} };
+  if (tokCfg === undefined && config.chat_template === undefined) return step;
+  const refs = referencedModels(config);
+  const baseId = refs[0]!.id;
+  const sourceRef = tokCfg !== undefined && typeof tokCfg.source === 'object' ? tokCfg.source : undefined;
+  const byId = new Map(models.map((m) => [m.ref.id, m]));
+  const load = async (id: string, dir: string, vocabSizeKey: string | undefined, strict: boolean): Promise<ModelTokenizer | null> => {
+    try {
+      return await loadModelTokenizer(dir, vocabSizeKey !== undefined ? { vocabSizeKey } : {});
+    } catch (e) {
+      if (strict) {
+        if (e instanceof AmalgamError && e.key === undefined) throw new AmalgamError(e.code, `model \`${id}\`: ${e.message}`, { key: id, cause: e });
+        throw e;
+      }
+      warn(`model ${id}: unable to read its tokenizer files (${(e as Error).message})`);
+      return null;
+    }
+  };
+  // A named or literal template on the copy path needs the donor's tokenizer_config.json only.
+  const needAll = tokCfg !== undefined || config.chat_template === 'auto';
+  for (const m of models) {
+    if (!needAll && m.ref.id !== baseId) continue;
+    const strict = tokCfg !== undefined && (m.ref.id === baseId || m.ref.id === sourceRef?.id);
+    step.tokenizers.set(m.ref.id, await load(m.ref.id, m.planned.path, m.arch.definition.vocabSizeKey, strict));
+  }
+  let donorDir = byId.get(baseId)!.planned.path;
+  if (sourceRef !== undefined) {
+    const src = byId.get(sourceRef.id);
+    if (src) {
+      donorDir = src.planned.path;
+    } else {
+      if (sourceRef.adapter !== undefined || sourceRef.revision !== undefined) {
+        throw new AmalgamError('E_UNSUPPORTED', `the tokenizer source \`${sourceRef.id}\` must be a plain local model folder`, {
+          key: config.tokenizer ? 'tokenizer.source' : 'tokenizer_source',
+        });
+      }
+      donorDir = await modelDir(sourceRef, resolve(opts.baseDir ?? process.cwd()));
+      step.tokenizers.set(sourceRef.id, await load(sourceRef.id, donorDir, byId.get(baseId)!.arch.definition.vocabSizeKey, true));
+    }
+  }
+
+  step.chatTemplate = resolveChatTemplate(
+    config.chat_template,
+    refs.map((r) => step.tokenizers.get(r.id)),
+    warn,
+  );
+  if (tokCfg === undefined) return step;
+
+  const vocab = buildMergedVocabulary({ tokenizer: tokCfg, baseModel: config.base_model, models: refs, tokenizers: step.tokenizers, warn });
+  step.vocab = vocab;
+  step.files = mergedTokenizerFiles(vocab, step.chatTemplate);
+  if (step.chatTemplate === undefined) {
+    const own = step.tokenizers.get(sourceRef?.id ?? baseId)?.chatTemplate;
+    if (own !== undefined && own.trim() !== '') step.files['chat_template.jinja'] = own;
+  }
+  const specialPath = join(donorDir, 'special_tokens_map.json');
+  try {
+    step.files['special_tokens_map.json'] = await readFile(specialPath, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new AmalgamError('E_IO', `cannot read ${specialPath}: ${(e as Error).message}`, { file: specialPath });
+  }
+  return step;
+}
+
+/**
+ * The tokenizer files of the output: those copied from the donor and those amalgam writes
+ * (merge-methods.md §7.5).
+ */
+async function outputTokenizerFiles(
+  step: TokenizerStep,
+  donor: OpenedModel,
+  copy: boolean,
+  warn: (m: string) => void,
+): Promise<{ copied: string[]; generated: Record<string, string> }> {
+  const available = copy ? await tokenizerFiles(donor.planned.path) : [];
+  if (step.vocab) {
+    return { copied: available.filter((f) => KEPT_WITH_BUILT_TOKENIZER.some((re) => re.test(f)) && !(f in step.files)), generated: step.files };
+  }
+  const tpl = step.chatTemplate;
+  if (tpl === undefined) return { copied: available, generated: {} };
+  if (!copy) {
+    warn('chat_template is not written: the tokenizer files are not copied (no tokenizer is built)');
+    return { copied: [], generated: {} };
+  }
+  if (!available.includes('tokenizer.json') && !available.includes('tokenizer.model')) {
+    warn(`chat_template is not written: the donor model ${donor.ref.id} has no tokenizer`);
+    return { copied: available, generated: {} };
+  }
+  const generated: Record<string, string> = {
+    'tokenizer_config.json': jsonText(withChatTemplate(step.tokenizers.get(donor.ref.id)?.tokenizerConfig ?? {}, tpl)),
+    'chat_template.jinja': tpl,
+  };
+  return { copied: available.filter((f) => !(f in generated) && !/^chat_template\./.test(f)), generated };
+}
+
+/** A planned permutation as plain data. */
+function plainPermutation(p: EmbeddingPermutation): PlannedPermutation {
+  return {
+    models: p.models.slice(),
+    base: p.base,
+    tokenCount: p.tokenCount,
+    rowCount: p.rowCount,
+    rows: p.models.map((m) => ({ model: m, rows: Array.from(p.rows.get(m)!) })),
+    defaults: [...p.defaults].sort((a, b) => a[0] - b[0]).map(([id, d]) => ({ id, rule: d.rule, from: d.from.map((f) => ({ model: f.model, row: f.row })) })),
+  };
+}
+
+/**
+ * The permutation of a planned embedding tensor in the form `buildPermutedEmbedding` takes.
+ * `tokens` is `plan.tokenizer.tokens`.
+ */
+export function embeddingPermutation(t: PlannedTensor, tokens: readonly (string | null | undefined)[]): EmbeddingPermutation {
+  const p = t.permutation;
+  if (!p) throw new AmalgamError('E_CONFIG', 'the tensor has no embedding permutation', { key: t.name });
+  const toks: (string | undefined)[] = new Array(p.tokenCount);
+  for (let i = 0; i < p.tokenCount; i++) toks[i] = tokens[i] ?? undefined;
+  return {
+    tensorName: t.name,
+    models: p.models,
+    base: p.base,
+    tokenCount: p.tokenCount,
+    rowCount: p.rowCount,
+    tokens: toks,
+    rows: new Map(p.rows.map((r) => [r.model, Int32Array.from(r.rows)])),
+    defaults: new Map(p.defaults.map((d) => [d.id, { rule: d.rule, from: d.from }] as const)),
+    warnings: [],
+  };
+}
+
 // ---------------------------------------------------------------------------------------------
 // The planner
 
@@ -501,7 +678,6 @@ export async function planMerge(config: MergeConfig, opts: PlanOptions = {}): Pr
   };
   const method: MergeMethod = getMergeMethod(config.merge_method);
   checkUnsupported(config);
-  planTokenizer(config);
 
   const models = await openModels(config, opts, warn);
   try {
@@ -548,7 +724,8 @@ async function buildPlan(
   const outDtypeName = effectiveOutDtype(config);
   const outDtype = outDtypeName ? (parseFloatDType(outDtypeName) ?? null) : null;
   const resolver = new ParameterResolver(config);
-  const policy = embedPolicy(method.name);
+  const tok = await planTokenizer(config, models, opts, warn);
+  const vocab = tok.vocab;
 
   const tensors: PlannedTensor[] = [];
   const kZero: string[] = [];
@@ -630,35 +807,38 @@ async function buildPlan(
     const isEmbed = !!ow.def.isEmbed;
     const floatInputs = inputs.every((i) => isFloatDType(i.dtype));
     let shape = inputs[0]!.shape;
-    const differ = inputs.filter((i) => !sameShape(i.shape, shape));
-    if (differ.length) {
-      const list = inputs.map((i) => `${i.model} ${shapeStr(i.shape)}`).join(', ');
-      const all2d = inputs.every((i) => i.shape.length === 2);
-      if (!isEmbed || !all2d || policy === 'exact' || policy === 'single') {
-        throw new AmalgamError('E_SHAPE', `the models' tensors have different shapes: ${list}`, {
+    let permutation: PlannedPermutation | undefined;
+    if (isEmbed && vocab) {
+      // Every input is permuted onto the output vocabulary (merge-methods.md §5).
+      if (!floatInputs) {
+        throw new AmalgamError('E_DTYPE', `an embedding permuted onto the merged vocabulary must be stored as floats (${inputs.map((i) => `${i.model} ${i.dtype}`).join(', ')})`, {
           key: ow.name,
-          hint: isEmbed
-            ? `${method.name} needs equal shapes; embeddings of different vocabularies need a tokenizer configuration (not supported yet)`
-            : 'the models are not of the same size; merge models of one configuration',
         });
       }
-      if (policy === 'base' && baseId !== null) {
-        const b = inputs.find((i) => i.model === baseId)!;
-        const smaller = inputs.filter((i) => i.shape[0]! < b.shape[0]! || i.shape[1]! < b.shape[1]!);
-        if (smaller.length) {
-          throw new AmalgamError(
-            'E_SHAPE',
-            `embedding of ${smaller.map((i) => `${i.model} ${shapeStr(i.shape)}`).join(', ')} is smaller than the base model's ${shapeStr(b.shape)}`,
-            { key: ow.name, hint: `${method.name} cuts every model to the base model's vocabulary; use a base model with the smallest vocabulary, or set tokenizer_source (not supported yet)` },
-          );
-        }
-        shape = b.shape;
-        warn(`${ow.name}: embeddings differ in size (${list}); each is cut to the base model's ${shapeStr(shape)}`);
-      } else {
-        shape = [Math.min(...inputs.map((i) => i.shape[0]!)), Math.min(...inputs.map((i) => i.shape[1]!))];
-        warn(`${ow.name}: embeddings differ in size (${list}); the common submatrix ${shapeStr(shape)} is merged`);
+      const perm = planEmbeddingPermutation(vocab, {
+        models: modelIds,
+        base: baseId,
+        ...(tok.config!.tokens ? { tokens: tok.config!.tokens } : {}),
+        rowCounts: new Map(inputs.map((i) => [i.model, i.shape[0]!] as const)),
+        tensorName: ow.name,
+        warn,
+      });
+      const width = checkEmbeddingWidths(perm, new Map(inputs.map((i) => [i.model, i.shape] as const)));
+      shape = [perm.rowCount, width];
+      permutation = plainPermutation(perm);
+    } else if (inputs.some((i) => !sameShape(i.shape, shape))) {
+      const list = inputs.map((i) => `${i.model} ${shapeStr(i.shape)}`).join(', ');
+      if (!isEmbed || !inputs.every((i) => i.shape.length === 2)) {
+        throw new AmalgamError('E_SHAPE', `the models' tensors have different shapes: ${list}`, {
+          key: ow.name,
+          hint: isEmbed ? 'embeddings must be 2-D matrices' : 'the models are not of the same size; merge models of one configuration',
+        });
       }
-      truncatedRows ??= shape[0];
+      // Without a tokenizer configuration: the method's shape rule (common submatrix, base shape, or an error).
+      const cut = plannedEmbedShape(method.name, inputs, baseId, ow.name);
+      shape = cut.shape;
+      if (cut.warning) warn(cut.warning);
+      truncatedRows ??= cut.vocabSize;
     }
 
     const first = (baseId !== null ? inputs.find((i) => i.model === baseId) : undefined) ?? inputs[0]!;
@@ -699,6 +879,7 @@ async function buildPlan(
       params,
     };
     if (ow.layer !== undefined) planned.layer = ow.layer;
+    if (permutation) planned.permutation = permutation;
     tensors.push(planned);
   }
 
@@ -727,7 +908,9 @@ async function buildPlan(
   if (configDtype) setConfigDtype(outputConfig, configDtype);
   const vocabKey = def.vocabSizeKey ?? 'vocab_size';
   const donorVocab = configValue(donor.folder.config, vocabKey);
-  if (truncatedRows !== undefined && donorVocab !== truncatedRows) {
+  if (vocab) {
+    setDotted(outputConfig, vocabKey, vocab.rowCount);
+  } else if (truncatedRows !== undefined && donorVocab !== truncatedRows) {
     setDotted(outputConfig, vocabKey, truncatedRows);
     warn(`${vocabKey} of the output config is set to ${truncatedRows} (the embedding rows written); the copied tokenizer may not match the truncated vocabulary`);
   }
@@ -745,8 +928,7 @@ async function buildPlan(
     }
   }
 
-  const copyTok = opts.copyTokenizer ?? true;
-  const tokFiles = copyTok ? await tokenizerFiles(donor.planned.path) : [];
+  const tokOut = await outputTokenizerFiles(tok, donor, opts.copyTokenizer ?? true, warn);
 
   const randomSeed = method.randomized ? (opts.randomSeed ?? 0) : (opts.randomSeed ?? null);
   if (randomSeed !== null && (!Number.isSafeInteger(randomSeed) || randomSeed < 0)) {
@@ -801,7 +983,19 @@ async function buildPlan(
     })),
     outputConfig,
     tensors,
-    tokenizerFiles: { from: donor.ref.id, files: tokFiles },
+    tokenizerFiles: { from: donor.ref.id, files: tokOut.copied },
+    tokenizer: vocab
+      ? {
+          source: vocab.source,
+          base: vocab.base,
+          tokens: vocab.tokens.map((x) => x ?? null),
+          tokenCount: vocab.tokenCount,
+          rowCount: vocab.rowCount,
+          appended: vocab.appended.map((a) => a.content),
+        }
+      : null,
+    chatTemplate: tok.chatTemplate ?? null,
+    generatedFiles: tokOut.generated,
     warnings,
     stats: { tensors: tensors.length, parameters, readBytes, writeBytes, largestTensor: largest, maxInputs, memoryBound },
   };
@@ -809,9 +1003,15 @@ async function buildPlan(
 
 /**
  * Estimated resident bytes while a tensor is merged: its inputs as float32 plus three
- * output-sized buffers (the result, its encoded form, one scratch array).
+ * output-sized buffers (the result, its encoded form, one scratch array). A permuted embedding
+ * also holds the inputs as read beside their permuted matrices (one output-sized matrix each).
  */
-export function tensorCost(t: Pick<PlannedTensor, 'shape' | 'inputs'>): number {
+export function tensorCost(t: Pick<PlannedTensor, 'shape' | 'inputs' | 'permutation'>): number {
+  if (t.permutation) {
+    let read = 0;
+    for (const i of t.inputs) read += numel(i.shape) * 4;
+    return read + numel(t.shape) * 4 * (t.inputs.length + 3);
+  }
   let size = numel(t.shape) * 4;
   for (const i of t.inputs) size = Math.max(size, numel(i.shape) * 4);
   return size * (t.inputs.length + 3);

@@ -211,6 +211,19 @@ export function formatPlanSummary(plan: MergePlan, opts: { outDir?: string; outS
   );
   lines.push('parameters (samples):');
   for (const t of sampleTensors(plan)) lines.push(`  ${t.name} (t=${formatValue(t.t)}): ${paramLine(t)}`);
+  const tok = plan.tokenizer;
+  if (tok) {
+    const appended = tok.appended.length ? `, ${tok.appended.length} appended` : '';
+    lines.push(`tokenizer:    ${tok.source} (from ${tok.base}): ${tok.tokenCount} tokens${appended}; vocab_size ${tok.rowCount}`);
+    const permuted = plan.tensors.filter((t) => t.permutation).map((t) => t.name);
+    if (permuted.length) lines.push(`permuted:     ${permuted.join(', ')} onto the merged vocabulary`);
+  }
+  if (plan.chatTemplate !== null && plan.chatTemplate !== undefined) {
+    const first = plan.chatTemplate.split('\n', 1)[0]!;
+    lines.push(`chat template: ${first.length > 60 ? `${first.slice(0, 57)}...` : first}`);
+  }
+  const generated = Object.keys(plan.generatedFiles ?? {});
+  if (generated.length) lines.push(`written files: ${generated.join(', ')}`);
   if (plan.tokenizerFiles.files.length) lines.push(`copied files: ${plan.tokenizerFiles.files.join(', ')} (from ${plan.tokenizerFiles.from})`);
   lines.push(`config.json:  from ${plan.donor}`);
   for (const w of plan.warnings) lines.push(`warning: ${w}`);
