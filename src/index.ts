@@ -61,3 +61,4 @@ export * from './tokenizer/merge.js';
 export * from './merge/embed.js';
 export * from './nn/index.js';
 export * from './merge/index.js';
+export * from './backend/index.js';

@@ -28,7 +28,7 @@ function ensureWasmBuilt(): void {
   const built = gemmWasmPath();
   const source = join(REPO_ROOT, 'assembly', 'gemm.ts');
   if (built && existsSync(source) && statSync(built).mtimeMs >= statSync(source).mtimeMs) return;
-  execSync('npm run build:wasm', { cwd: REPO_ROOT, stdio: 'ignore' });
+  execSync('npm run build:wasm', { cwd: REPO_ROOT, stdio: 'pipe' });
 }
 
 const ref = new ReferenceBackend();

@@ -297,7 +297,7 @@ export class SafetensorsFile implements TensorSource {
 }
 
 /** Raw bytes per positional read when widening 16-bit floats to F32. */
-const WIDEN_CHUNK_BYTES = 1 << 20;
+const WIDEN_CHUNK_BYTES = 2 << 20;
 
 /**
  * `count` BF16 or F16 values at `position`, widened to a fresh F32 array without an intermediate

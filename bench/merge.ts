@@ -1,0 +1,554 @@
+/**
+ * Merge benchmark: TIES (density 0.5) of three fine-tunes onto their base, four Llama-shaped BF16
+ * checkpoints of >= 1 GB each, run in a child process so that its peak RSS is its own. The same
+ * run times the I/O floor: `cat` of every input file to /dev/null plus writing (and fsyncing) as
+ * many bytes as the merge writes, and prints the ratio merge / floor and the memory bound
+ * (inputs + 3) x largest tensor in F32 + 300 MB.
+ *
+ * The checkpoints are generated on first use in `.bench-data/merge/` at the repository root and
+ * reused while they are still valid.
+ */
+import { spawn } from 'node:child_process';
+import { closeSync, openSync } from 'node:fs';
+import { mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { availableParallelism, loadavg } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { INDEX_FILE, ShardedSafetensors, ShardedSafetensorsWriter, openSafetensors, type TensorSpec } from '../src/io/safetensors.js';
+import { getMergeMethod, mergeTensor } from '../src/merge/registry.js';
+import type { MergeContext } from '../src/merge/types.js';
+import { encodeFromF32, numel } from '../src/tensor/dtype.js';
+
+const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const META_FILE = 'bench-meta.json';
+/** Bumped whenever the generated content or layout changes, so stale folders are regenerated. */
+const DATA_VERSION = 1;
+const MODELS = ['base', 'ft1', 'ft2', 'ft3'] as const;
+/** Weights of ft1..ft3 in the TIES configuration. */
+const WEIGHTS = [1.0, 0.8, 0.6];
+const DENSITY = 0.5;
+/** Fine-tune m perturbs each base value by a uniform integer in [-2^(m+2), 2^(m+2)) BF16 steps. */
+const PERTURB_BITS = [0, 4, 5, 6];
+const SLACK_BYTES = 300e6;
+
+const HELP = `usage: npm run bench -- merge [options]
+
+  --size-gb <n>     size of each checkpoint in GB (1e9 bytes), at least (default 1)
+  --shard-mb <n>    shard size budget of the inputs in MB (default 500)
+  --dir <path>      folder for the generated checkpoints, the configuration and the output
+                    (default .bench-data/merge in the repository root)
+  --seed <n>        content seed (default 1)
+  --jobs <n>        worker threads of the merge (default: the merge's own default)
+  --repeats <n>     merges to run, each in a fresh child process; the fastest is reported and the
+                    peak RSS is the largest of all runs (default 1)
+  --regen           regenerate the checkpoints even if valid ones exist
+  --keep-output     keep the merged model (default: removed after the run)
+  --json            print the results as JSON on stdout (progress goes to stderr)
+  --help            this text`;
+
+// ---------------------------------------------------------------------------------------------
+// Layout: TinyLlama-1.1B shapes (hidden 2048, MLP 5632, 32 query / 4 KV heads of 64, vocabulary
+// 32000, untied lm_head), with enough layers for the size asked for.
+
+const HIDDEN = 2048;
+const INTERMEDIATE = 5632;
+const HEADS = 32;
+const KV_HEADS = 4;
+const KV_DIM = KV_HEADS * (HIDDEN / HEADS);
+const VOCAB = 32000;
+
+function layerSpecs(i: number): TensorSpec[] {
+  const p = `model.layers.${i}`;
+  return [
+    { name: `${p}.input_layernorm.weight`, dtype: 'BF16', shape: [HIDDEN] },
+    { name: `${p}.self_attn.q_proj.weight`, dtype: 'BF16', shape: [HIDDEN, HIDDEN] },
+    { name: `${p}.self_attn.k_proj.weight`, dtype: 'BF16', shape: [KV_DIM, HIDDEN] },
+    { name: `${p}.self_attn.v_proj.weight`, dtype: 'BF16', shape: [KV_DIM, HIDDEN] },
+    { name: `${p}.self_attn.o_proj.weight`, dtype: 'BF16', shape: [HIDDEN, HIDDEN] },
+    { name: `${p}.post_attention_layernorm.weight`, dtype: 'BF16', shape: [HIDDEN] },
+    { name: `${p}.mlp.gate_proj.weight`, dtype: 'BF16', shape: [INTERMEDIATE, HIDDEN] },
+    { name: `${p}.mlp.up_proj.weight`, dtype: 'BF16', shape: [INTERMEDIATE, HIDDEN] },
+    { name: `${p}.mlp.down_proj.weight`, dtype: 'BF16', shape: [HIDDEN, INTERMEDIATE] },
+  ];
+}
+
+function specBytes(specs: readonly TensorSpec[]): number {
+  return specs.reduce((s, t) => s + numel(t.shape) * 2, 0);
+}
+
+function llamaSpecs(minBytes: number): { specs: TensorSpec[]; layers: number } {
+  const outer: TensorSpec[] = [
+    { name: 'model.embed_tokens.weight', dtype: 'BF16', shape: [VOCAB, HIDDEN] },
+    { name: 'model.norm.weight', dtype: 'BF16', shape: [HIDDEN] },
+    { name: 'lm_head.weight', dtype: 'BF16', shape: [VOCAB, HIDDEN] },
+  ];
+  const perLayer = specBytes(layerSpecs(0));
+  const layers = Math.max(1, Math.ceil((minBytes - specBytes(outer)) / perLayer));
+  const specs: TensorSpec[] = [outer[0]!];
+  for (let i = 0; i < layers; i++) specs.push(...layerSpecs(i));
+  specs.push(outer[1]!, outer[2]!);
+  return { specs, layers };
+}
+
+function hfConfig(layers: number): Record<string, unknown> {
+  return {
+    architectures: ['LlamaForCausalLM'],
+    model_type: 'llama',
+    vocab_size: VOCAB,
+    hidden_size: HIDDEN,
+    intermediate_size: INTERMEDIATE,
+    num_hidden_layers: layers,
+    num_attention_heads: HEADS,
+    num_key_value_heads: KV_HEADS,
+    max_position_embeddings: 2048,
+    rms_norm_eps: 1e-5,
+    rope_theta: 10000.0,
+    hidden_act: 'silu',
+    tie_word_embeddings: false,
+    bos_token_id: 1,
+    eos_token_id: 2,
+    torch_dtype: 'bfloat16',
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic content
+
+function fnv1a(s: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193);
+  return h >>> 0;
+}
+
+function streamSeed(name: string, seed: number, model: number): number {
+  return (fnv1a(name) ^ Math.imul(seed, 0x9e3779b9) ^ Math.imul(model + 1, 0x85ebca6b)) | 0 || 0x2545f491;
+}
+
+/**
+ * BF16 weights of one tensor of model `model` (0 = base) from xorshift32 streams, two values per
+ * 32-bit word. Base values have a random sign and mantissa and exponent 120..127 (magnitudes in
+ * [2^-7, 2)). Fine-tune m adds a uniform integer in [-2^(b-1), 2^(b-1)) to each base value's bit
+ * pattern (b = 4, 5, 6): a perturbation of a few BF16 steps, zero for 1 value in 2^b, the same
+ * step size as the base value. The count is even for every tensor of this layout.
+ */
+function tensorBytes(name: string, count: number, seed: number, model: number): Uint8Array {
+  const bytes = new Uint8Array(count * 2);
+  const words = new Uint32Array(bytes.buffer, 0, count >>> 1);
+  const n = words.length;
+  let x = streamSeed(name, seed, 0);
+  for (let i = 0; i < n; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    words[i] = (x & 0x83ff83ff) | 0x3c003c00;
+  }
+  if (model > 0) {
+    const bits = PERTURB_BITS[model]!;
+    const mask = (1 << bits) - 1;
+    const half = 1 << (bits - 1);
+    let y = streamSeed(name, seed, model);
+    for (let i = 0; i < n; i++) {
+      y ^= y << 13;
+      y ^= y >>> 17;
+      y ^= y << 5;
+      const lo = (y & mask) - half;
+      const hi = ((y >>> 16) & mask) - half;
+      // Low halves stay within [0x3bc0, 0xc03f]: no carry or borrow crosses into the high half.
+      words[i] = (words[i]! + lo + (hi << 16)) >>> 0;
+    }
+  }
+  return bytes;
+}
+
+interface Meta {
+  version: number;
+  seed: number;
+  layers: number;
+  shardBytes: number;
+  dataBytes: number;
+}
+
+function sameMeta(a: Meta, b: Meta): boolean {
+  return a.version === b.version && a.seed === b.seed && a.layers === b.layers && a.shardBytes === b.shardBytes && a.dataBytes === b.dataBytes;
+}
+
+/** Why the folder does not hold the expected checkpoints, or undefined when it does. */
+async function checkCheckpoints(dir: string, meta: Meta, specs: readonly TensorSpec[]): Promise<string | undefined> {
+  let onDisk: Meta;
+  try {
+    onDisk = JSON.parse(await readFile(join(dir, META_FILE), 'utf8')) as Meta;
+  } catch {
+    return 'no checkpoints yet';
+  }
+  if (!sameMeta(onDisk, meta)) return `parameters differ (${JSON.stringify(onDisk)})`;
+  const want = new Map(specs.map((s) => [s.name, s]));
+  for (const [m, model] of MODELS.entries()) {
+    let src;
+    try {
+      src = await openSafetensors(join(dir, model));
+    } catch (e) {
+      return `${model} does not open: ${(e as Error).message}`;
+    }
+    try {
+      const have = src.tensors();
+      if (have.length !== want.size) return `${model} holds ${have.length} tensors, expected ${want.size}`;
+      for (const t of have) {
+        const s = want.get(t.name);
+        if (!s || s.dtype !== t.dtype || s.shape.join() !== t.shape.join()) return `${model}: tensor ${t.name} differs`;
+      }
+      for (const name of ['model.layers.0.input_layernorm.weight', 'model.layers.0.self_attn.k_proj.weight', 'model.norm.weight']) {
+        const raw = await src.readRaw(name);
+        const expected = tensorBytes(name, numel(want.get(name)!.shape), meta.seed, m);
+        if (Buffer.compare(Buffer.from(raw.buffer, raw.byteOffset, raw.length), Buffer.from(expected.buffer)) !== 0) return `${model}: content of ${name} differs`;
+      }
+    } finally {
+      await src.close();
+    }
+    try {
+      await stat(join(dir, model, 'config.json'));
+    } catch {
+      return `${model} has no config.json`;
+    }
+  }
+  return undefined;
+}
+
+async function generate(dir: string, meta: Meta, specs: readonly TensorSpec[], log: (s: string) => void): Promise<void> {
+  await rm(join(dir, META_FILE), { force: true });
+  const t0 = performance.now();
+  for (const [m, model] of MODELS.entries()) {
+    const mdir = join(dir, model);
+    await rm(mdir, { recursive: true, force: true });
+    await mkdir(mdir, { recursive: true });
+    await writeFile(join(mdir, 'config.json'), JSON.stringify(hfConfig(meta.layers), null, 2) + '\n');
+    const w = await ShardedSafetensorsWriter.create(mdir, specs, {
+      maxShardBytes: meta.shardBytes,
+      alwaysIndex: true,
+      metadata: { format: 'pt' },
+      indexMetadata: { generator: 'amalgam bench merge' },
+    });
+    try {
+      for (const s of specs) await w.write(s.name, tensorBytes(s.name, numel(s.shape), meta.seed, m));
+      await w.finish();
+    } catch (e) {
+      await w.abort();
+      throw e;
+    }
+    log(`  generated ${model} (${fmtBytes(meta.dataBytes)}), ${((performance.now() - t0) / 1000).toFixed(1)} s so far`);
+  }
+  await writeFile(join(dir, META_FILE), JSON.stringify(meta, null, 2) + '\n');
+}
+
+function tiesConfig(): string {
+  const lines = ['merge_method: ties', 'base_model: base', 'models:'];
+  for (let i = 0; i < 3; i++) {
+    lines.push(`  - model: ft${i + 1}`, '    parameters:', `      weight: ${WEIGHTS[i]}`, `      density: ${DENSITY}`);
+  }
+  lines.push('parameters:', '  normalize: true', 'dtype: bfloat16', '');
+  return lines.join('\n');
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+
+/** Wall time of `cat files... > /dev/null`, in seconds (process start-up included). */
+function timeCat(files: string[]): Promise<number> {
+  return new Promise((resolvePromise, reject) => {
+    const devnull = openSync('/dev/null', 'w');
+    const t0 = process.hrtime.bigint();
+    const p = spawn('cat', files, { stdio: ['ignore', devnull, 'inherit'] });
+    p.on('error', (e) => {
+      closeSync(devnull);
+      reject(e);
+    });
+    p.on('exit', (code, signal) => {
+      const dt = Number(process.hrtime.bigint() - t0) / 1e9;
+      closeSync(devnull);
+      if (code === 0) resolvePromise(dt);
+      else reject(new Error(`cat exited with ${code ?? signal}`));
+    });
+  });
+}
+
+/**
+ * Seconds to write `bytes` bytes to a new file at `path` from one reused 8 MiB buffer, fsync it and
+ * close it (the merge fsyncs each output shard before renaming it). The file is removed afterwards.
+ */
+async function timeWrite(path: string, bytes: number): Promise<number> {
+  const buf = Buffer.alloc(8 << 20, 0x5a);
+  await rm(path, { force: true });
+  const t0 = process.hrtime.bigint();
+  const fh = await open(path, 'w');
+  try {
+    let done = 0;
+    while (done < bytes) {
+      const n = Math.min(buf.length, bytes - done);
+      const { bytesWritten } = await fh.write(buf, 0, n, done);
+      done += bytesWritten;
+    }
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  const dt = Number(process.hrtime.bigint() - t0) / 1e9;
+  await rm(path, { force: true });
+  return dt;
+}
+
+interface ChildResult {
+  /** runMerge wall time (planning, reading, merging, writing, fsync, rename). */
+  seconds: number;
+  /** Peak resident set of the child process (VmHWM), bytes. */
+  peakRss: number;
+  userSeconds: number;
+  systemSeconds: number;
+  jobs: number;
+  bytesRead: number;
+  bytesWritten: number;
+  memoryBudget: number;
+  peakInFlightBytes: number;
+  /** Child process lifetime seen by the parent (Node and tsx start-up included). */
+  processSeconds?: number;
+}
+
+async function vmHwm(): Promise<number | undefined> {
+  try {
+    const m = /^VmHWM:\s+(\d+)\s+kB/m.exec(await readFile('/proc/self/status', 'utf8'));
+    return m ? Number(m[1]) * 1024 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Child mode: one merge, reported as JSON on stdout. */
+async function childMerge(configPath: string, outDir: string, jobs: number | undefined): Promise<void> {
+  const { runMerge } = await import('../src/merge/run.js');
+  const t0 = performance.now();
+  const r = await runMerge(configPath, outDir, { baseDir: dirname(configPath), overwrite: true, writeModelCard: true, ...(jobs ? { jobs } : {}) });
+  const seconds = (performance.now() - t0) / 1000;
+  const usage = process.resourceUsage();
+  const e = r.execution!;
+  const result: ChildResult = {
+    seconds,
+    peakRss: (await vmHwm()) ?? usage.maxRSS * 1024,
+    userSeconds: usage.userCPUTime / 1e6,
+    systemSeconds: usage.systemCPUTime / 1e6,
+    jobs: e.jobs,
+    bytesRead: e.bytesRead,
+    bytesWritten: e.bytesWritten,
+    memoryBudget: e.memoryBudget,
+    peakInFlightBytes: e.peakInFlightBytes,
+  };
+  console.log(JSON.stringify(result));
+}
+
+function spawnMerge(configPath: string, outDir: string, jobs: number | undefined): Promise<ChildResult> {
+  const runTs = fileURLToPath(new URL('./run.ts', import.meta.url));
+  const args = [...process.execArgv, runTs, 'merge', '--child-config', configPath, '--child-out', outDir, ...(jobs ? ['--jobs', String(jobs)] : [])];
+  return new Promise((resolvePromise, reject) => {
+    const t0 = process.hrtime.bigint();
+    const p = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    p.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    p.on('error', reject);
+    p.on('exit', (code) => {
+      const processSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
+      if (code !== 0) return reject(new Error(`merge child exited with ${code}: ${err.trim().split('\n').slice(-8).join('\n')}`));
+      try {
+        resolvePromise({ ...(JSON.parse(out.trim().split('\n').pop()!) as ChildResult), processSeconds });
+      } catch {
+        reject(new Error(`unexpected output of the merge child: ${out.slice(0, 300)} ${err.slice(0, 300)}`));
+      }
+    });
+  });
+}
+
+/**
+ * Checks a few output tensors against the library's TIES method run on float32 inputs in this
+ * process, byte for byte.
+ */
+async function verifyOutput(dir: string, outDir: string, names: string[]): Promise<void> {
+  const sources = await Promise.all(MODELS.map((m) => openSafetensors(join(dir, m))));
+  const out = await openSafetensors(outDir);
+  try {
+    const method = getMergeMethod('ties');
+    for (const name of names) {
+      const inputs = await Promise.all(sources.map(async (s, m) => ({ model: MODELS[m]!, data: await s.readF32(name), shape: s.info(name).shape })));
+      const perModel: Record<string, Record<string, number>> = {};
+      for (let i = 0; i < 3; i++) perModel[MODELS[i + 1]!] = { weight: WEIGHTS[i]!, density: DENSITY };
+      const ctx: MergeContext = {
+        tensorName: name,
+        isEmbed: false,
+        isOptional: false,
+        inputs,
+        base: 'base',
+        params: { global: { normalize: true, rescale: false, lambda: 1, int8_mask: false }, perModel },
+      };
+      const merged = mergeTensor(method, ctx)!;
+      const want = encodeFromF32('BF16', merged.data);
+      const got = await out.readRaw(name);
+      if (Buffer.compare(Buffer.from(got.buffer, got.byteOffset, got.length), Buffer.from(want.buffer, want.byteOffset, want.length)) !== 0) {
+        throw new Error(`merged ${name} differs from the reference TIES result`);
+      }
+    }
+  } finally {
+    await Promise.all([...sources, out].map((s) => s.close()));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+function fmtBytes(n: number): string {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(3)} GB`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
+  return `${n} B`;
+}
+
+function positive(name: string, v: string | undefined, dflt: number, integer = false): number {
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n <= 0 || (integer && !Number.isInteger(n))) {
+    throw Object.assign(new Error(`--${name} must be a positive ${integer ? 'integer' : 'number'}, got "${v}"`), { usage: true });
+  }
+  return n;
+}
+
+async function shardFiles(modelDir: string): Promise<string[]> {
+  const src = (await openSafetensors(join(modelDir, INDEX_FILE))) as ShardedSafetensors;
+  const files = src.shardFiles().map((f) => join(modelDir, f));
+  await src.close();
+  return files;
+}
+
+async function weightBytes(outDir: string): Promise<number> {
+  let total = 0;
+  for (const f of await readdir(outDir)) if (f.endsWith('.safetensors')) total += (await stat(join(outDir, f))).size;
+  return total;
+}
+
+export async function run(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    strict: true,
+    options: {
+      'size-gb': { type: 'string' },
+      'shard-mb': { type: 'string' },
+      dir: { type: 'string' },
+      seed: { type: 'string' },
+      jobs: { type: 'string' },
+      repeats: { type: 'string' },
+      regen: { type: 'boolean' },
+      'keep-output': { type: 'boolean' },
+      'child-config': { type: 'string' },
+      'child-out': { type: 'string' },
+      json: { type: 'boolean' },
+      help: { type: 'boolean' },
+    },
+  });
+  if (values.help) {
+    console.log(HELP);
+    return;
+  }
+  const jobs = values.jobs === undefined ? undefined : positive('jobs', values.jobs, 1, true);
+  if (values['child-config'] !== undefined) {
+    await childMerge(values['child-config'], values['child-out'] ?? '', jobs);
+    return;
+  }
+  const json = values.json === true;
+  const log = (s: string) => (json ? console.error(s) : console.log(s));
+  const sizeBytes = Math.round(positive('size-gb', values['size-gb'], 1) * 1e9);
+  const shardBytes = Math.round(positive('shard-mb', values['shard-mb'], 500) * 1e6);
+  const seed = positive('seed', values.seed, 1, true);
+  const repeats = positive('repeats', values.repeats, 1, true);
+
+  const { specs, layers } = llamaSpecs(sizeBytes);
+  const dataBytes = specBytes(specs);
+  const dir = resolve(values.dir ?? join(REPO_ROOT, '.bench-data', 'merge'));
+  const meta: Meta = { version: DATA_VERSION, seed, layers, shardBytes, dataBytes };
+
+  log(`merge: TIES (density ${DENSITY}, weights ${WEIGHTS.join('/')}, normalize) of 3 fine-tunes + base, ${specs.length} BF16 tensors each (${layers} Llama layers, ${fmtBytes(dataBytes)}) in ${dir}`);
+  await mkdir(dir, { recursive: true });
+  const problem = values.regen ? 'regeneration requested' : await checkCheckpoints(dir, meta, specs);
+  if (problem) {
+    log(`  (re)generating: ${problem}`);
+    await generate(dir, meta, specs, log);
+  } else {
+    log('  reusing the existing checkpoints');
+  }
+  const configPath = join(dir, 'ties.yml');
+  await writeFile(configPath, tiesConfig());
+  const outDir = join(dir, 'out');
+
+  const files: string[] = [];
+  for (const m of MODELS) files.push(...(await shardFiles(join(dir, m))));
+  let inputBytes = 0;
+  for (const f of files) inputBytes += (await stat(f)).size;
+  let largest = 0;
+  for (const s of specs) largest = Math.max(largest, numel(s.shape) * 4);
+  const rssBound = (MODELS.length + 3) * largest + SLACK_BYTES;
+
+  log('  warming the page cache');
+  await timeCat(files);
+  await timeCat(files);
+  const catRuns = [await timeCat(files), await timeCat(files)];
+
+  const merges: ChildResult[] = [];
+  for (let r = 0; r < repeats; r++) {
+    await rm(outDir, { recursive: true, force: true });
+    const res = await spawnMerge(configPath, outDir, jobs);
+    merges.push(res);
+    log(`  merge ${r + 1}/${repeats}: ${res.seconds.toFixed(2)} s (${res.jobs} jobs, CPU ${(res.userSeconds + res.systemSeconds).toFixed(1)} s), peak RSS ${fmtBytes(res.peakRss)}`);
+  }
+  const outBytes = await weightBytes(outDir);
+  const writeRuns = [await timeWrite(join(dir, '.floor-write.tmp'), outBytes), await timeWrite(join(dir, '.floor-write.tmp'), outBytes)];
+  log('  checking three output tensors against the reference TIES result');
+  await verifyOutput(dir, outDir, ['model.layers.0.self_attn.k_proj.weight', 'model.norm.weight', `model.layers.${layers - 1}.mlp.down_proj.weight`]);
+  if (!values['keep-output']) await rm(outDir, { recursive: true, force: true });
+
+  const best = merges.reduce((a, b) => (b.seconds < a.seconds ? b : a));
+  const peakRss = Math.max(...merges.map((m) => m.peakRss));
+  const cat = Math.min(...catRuns);
+  const write = Math.min(...writeRuns);
+  const floor = cat + write;
+  const ratio = best.seconds / floor;
+  const speedOk = ratio <= 1.5;
+  const memOk = peakRss <= rssBound;
+  const cpu = best.userSeconds + best.systemSeconds;
+
+  if (json) {
+    console.log(
+      JSON.stringify(
+        {
+          benchmark: 'merge',
+          method: 'ties',
+          density: DENSITY,
+          weights: WEIGHTS,
+          models: { dir, count: MODELS.length, layers, tensors: specs.length, dataBytesEach: dataBytes, inputFiles: files.length, inputBytes, dtype: 'BF16' },
+          node: process.version,
+          cores: availableParallelism(),
+          loadAverage1m: loadavg()[0],
+          merge: { seconds: best.seconds, runs: merges.map((m) => m.seconds), processSeconds: best.processSeconds, jobs: best.jobs, userSeconds: best.userSeconds, systemSeconds: best.systemSeconds, outBytes },
+          floor: { seconds: floor, catSeconds: cat, catRuns, writeSeconds: write, writeRuns, writeBytes: outBytes },
+          ratio,
+          memory: { peakRss, bound: rssBound, largestTensorF32: largest, inputs: MODELS.length, slack: SLACK_BYTES, executorBudget: best.memoryBudget, peakInFlightBytes: best.peakInFlightBytes },
+          pass: { speed: speedOk, memory: memOk },
+        },
+        null,
+        2,
+      ),
+    );
+    return;
+  }
+
+  console.log('');
+  console.log(`inputs: ${MODELS.length} models x ${fmtBytes(dataBytes)} BF16 (${files.length} files, ${fmtBytes(inputBytes)}); page cache warm; ${availableParallelism()} cores; load average ${loadavg()[0]!.toFixed(2)}`);
+  console.log(`merge (runMerge in a child process, ${best.jobs} jobs)   ${best.seconds.toFixed(3)} s${repeats > 1 ? ` (best of ${repeats}: ${merges.map((m) => m.seconds.toFixed(2)).join(', ')})` : ''}; CPU ${cpu.toFixed(1)} s (${(cpu / best.seconds).toFixed(2)} cores busy)`);
+  console.log(`I/O floor                                  ${floor.toFixed(3)} s = cat inputs > /dev/null ${cat.toFixed(3)} s + write ${fmtBytes(outBytes)} + fsync ${write.toFixed(3)} s (best of 2 each)`);
+  console.log(`ratio merge / floor                        ${ratio.toFixed(2)}  (bar <= 1.5: ${speedOk ? 'PASS' : 'FAIL'})`);
+  console.log(`peak RSS of the merge process              ${fmtBytes(peakRss)}`);
+  console.log(`bound (${MODELS.length} inputs + 3) x ${fmtBytes(largest)} + 300 MB     ${fmtBytes(rssBound)}  (${memOk ? 'PASS' : 'FAIL'})`);
+}
