@@ -28,6 +28,10 @@ export const BENCHMARKS: Record<string, BenchEntry> = {
     description: 'matmul GFLOP/s at 1024³ per layout: reference TS, wasm 1 thread, wasm all threads',
     load: () => import('./kernels.js'),
   },
+  finetune: {
+    description: 'fine-tune stories260K: full and LoRA LM on Tiny Shakespeare (300 steps), LoRA classification on the domain task and SST-2',
+    load: () => import('./finetune.js'),
+  },
   merge: {
     description: 'TIES (density 0.5) of 3 fine-tunes + base, >= 1 GB BF16 each: wall time vs the I/O floor, and peak RSS vs its bound',
     load: () => import('./merge.js'),

@@ -9,6 +9,9 @@ import { isAmalgamError } from '../errors.js';
 import { registerInspect } from './inspect.js';
 import { registerConvert } from './convert.js';
 import { registerDemo } from './demo.js';
+import { registerTrain } from './train.js';
+import { registerEval } from './eval.js';
+import { registerGenerate } from './generate.js';
 import { registerMerge } from './merge.js';
 
 const require = createRequire(import.meta.url);
@@ -25,6 +28,9 @@ export function buildProgram(): Command {
   registerMerge(program);
   registerInspect(program);
   registerConvert(program);
+  registerGenerate(program);
+  registerEval(program);
+  registerTrain(program);
   return program;
 }
 

@@ -1,0 +1,212 @@
+/**
+ * Loading a model folder for training, evaluation or generation (optionally with a PEFT LoRA
+ * adapter and a classification head), and writing the results: a full Hugging Face checkpoint
+ * (config.json, model.safetensors, the tokenizer files) or a PEFT adapter folder.
+ */
+import { copyFile, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { AmalgamError } from '../errors.js';
+import { withStagingDir } from '../io/atomic-dir.js';
+import { HF_EXTRA_FILES, readJsonObject, setConfigDtype } from '../io/hf.js';
+import { readPeftAdapter } from '../io/peft.js';
+import { openSafetensors, ShardedSafetensorsWriter } from '../io/safetensors.js';
+import type { FloatDType } from '../tensor/dtype.js';
+import { writePeftAdapter, type FullTensor, type LoraFactors } from '../lora/peft-write.js';
+import { SCORE_WEIGHT, SequenceClassificationHead } from '../nn/heads.js';
+import { attachLora, loraModules } from '../nn/lora.js';
+import { LlamaModel, type ModelOptions } from '../nn/model.js';
+import { Parameter } from '../nn/params.js';
+
+async function isFile(p: string): Promise<boolean> {
+  try {
+    return (await stat(p)).isFile();
+  } catch {
+    return false;
+  }
+}
+
+export interface LoadedModel {
+  model: LlamaModel;
+  /** The folder's config.json as stored. */
+  hfConfig: Record<string, unknown>;
+  /** Classification head from the folder's or the adapter's `score.weight`, if any. */
+  head: SequenceClassificationHead | null;
+  /** Class names from config.json `id2label`, when present. */
+  labelNames?: string[];
+}
+
+export interface LoadModelOptions extends ModelOptions {
+  /** A PEFT LoRA adapter folder to apply (unmerged: its modules are attached as LoRA layers). */
+  adapter?: string;
+}
+
+/** Class names from a config's id2label, in id order. */
+export function labelNamesFromConfig(cfg: Record<string, unknown>): string[] | undefined {
+  const m = cfg['id2label'];
+  if (!m || typeof m !== 'object' || Array.isArray(m)) return undefined;
+  const entries = Object.entries(m as Record<string, unknown>).filter(([k, v]) => /^\d+$/.test(k) && typeof v === 'string');
+  if (entries.length === 0) return undefined;
+  const out: string[] = [];
+  for (const [k, v] of entries) out[Number(k)] = v as string;
+  return out.every((v) => v !== undefined) && out.length === entries.length ? out : undefined;
+}
+
+/** Load a model folder, its classification head (if stored) and optionally a LoRA adapter. */
+export async function loadModel(dir: string, opts: LoadModelOptions = {}): Promise<LoadedModel> {
+  const hfConfig = await readJsonObject(join(dir, 'config.json'));
+  const model = await LlamaModel.fromFolder(dir, { backend: opts.backend });
+  try {
+    let head: SequenceClassificationHead | null = null;
+    const src = await openSafetensors(dir);
+    try {
+      if (src.has(SCORE_WEIGHT)) {
+        const shape = src.info(SCORE_WEIGHT).shape;
+        head = await SequenceClassificationHead.fromSource(src, model.config.hiddenSize, shape[0]!);
+      }
+    } finally {
+      await src.close();
+    }
+    if (opts.adapter) head = (await applyAdapter(model, opts.adapter)) ?? head;
+    return { model, hfConfig, head, labelNames: labelNamesFromConfig(hfConfig) };
+  } catch (e) {
+    model.dispose();
+    throw e;
+  }
+}
+
+/**
+ * Attach the LoRA modules of a PEFT adapter folder to the model (with their own rank, α and
+ * scaling) and copy in full tensors it saves. Returns the classification head when the adapter
+ * saves `score.weight`.
+ */
+export async function applyAdapter(model: LlamaModel, dir: string): Promise<SequenceClassificationHead | null> {
+  const ad = await readPeftAdapter(dir);
+  try {
+    const named = model.namedParameters();
+    for (const m of ad.modules) {
+      if (m.kind !== 'linear' || m.fanInFanOut) {
+        throw new AmalgamError('E_UNSUPPORTED', `${m.kind === 'linear' ? 'fan_in_fan_out' : 'embedding'} LoRA modules cannot be applied to a Llama model`, { file: ad.weightsPath, key: m.aName });
+      }
+      const [mod] = attachLora(model, { targets: [m.path], rank: m.rank, alpha: m.alpha, rslora: ad.config.use_rslora, freezeBase: false });
+      if (!mod || mod.inFeatures !== m.inFeatures || mod.outFeatures !== m.outFeatures) {
+        throw new AmalgamError('E_SHAPE', `adapter module is ${m.outFeatures}×${m.inFeatures} but the model's layer is ${mod?.outFeatures}×${mod?.inFeatures}`, { file: ad.weightsPath, key: m.path });
+      }
+      mod.A.set(await ad.source.readF32(m.aName));
+      mod.B.set(await ad.source.readF32(m.bName));
+      mod.A.setRequiresGrad(false);
+      mod.B.setRequiresGrad(false);
+    }
+    let head: SequenceClassificationHead | null = null;
+    for (const s of ad.savedModules) {
+      if (s.target === SCORE_WEIGHT) {
+        const info = ad.source.info(s.name);
+        const w = new Parameter(SCORE_WEIGHT, info.shape, await ad.source.readF32(s.name));
+        head = new SequenceClassificationHead(model.config.hiddenSize, info.shape[0]!, w);
+        continue;
+      }
+      const p = named.get(s.target);
+      if (!p) throw new AmalgamError('E_MISSING', `the adapter saves '${s.target}', which the model does not have`, { file: ad.weightsPath, key: s.name });
+      p.set(await ad.source.readF32(s.name));
+    }
+    return head;
+  } finally {
+    await ad.close();
+  }
+}
+
+export interface SaveModelOptions {
+  /** Data type of the written weights (default F32). */
+  dtype?: FloatDType;
+  overwrite?: boolean;
+  /** Classification head to save as `score.weight` (the config then names LlamaForSequenceClassification). */
+  head?: SequenceClassificationHead | null;
+  labelNames?: string[];
+  /** Keys merged into config.json. */
+  configUpdates?: Record<string, unknown>;
+}
+
+/**
+ * Write the model as a Hugging Face folder: config.json (the source's, with dtype and, for a
+ * classifier, architectures / num_labels / id2label updated), model.safetensors with every base
+ * parameter (LoRA modules must be merged or detached first), and the source's tokenizer files.
+ */
+export async function saveModelFolder(model: LlamaModel, srcDir: string, outDir: string, opts: SaveModelOptions = {}): Promise<string> {
+  if (loraModules(model).length) {
+    throw new AmalgamError('E_USAGE', 'the model still has LoRA modules; merge them (detachLora) or save an adapter instead');
+  }
+  const dtype = opts.dtype ?? 'F32';
+  const cfg = { ...(await readJsonObject(join(srcDir, 'config.json'))) };
+  const head = opts.head ?? null;
+  const tensors: { name: string; shape: number[]; data: Float32Array }[] = model.parameters().map((p) => ({ name: p.name, shape: [...p.shape], data: p.data }));
+  if (head) {
+    const w = head.score.weight;
+    tensors.push({ name: SCORE_WEIGHT, shape: [...w.shape], data: w.data });
+    const arch = Array.isArray(cfg['architectures']) && typeof cfg['architectures'][0] === 'string' ? (cfg['architectures'][0] as string) : 'LlamaForCausalLM';
+    cfg['architectures'] = [arch.replace(/ForCausalLM$/, 'ForSequenceClassification')];
+    cfg['num_labels'] = head.numLabels;
+    const names = opts.labelNames ?? Array.from({ length: head.numLabels }, (_, i) => `LABEL_${i}`);
+    cfg['id2label'] = Object.fromEntries(names.map((n, i) => [String(i), n]));
+    cfg['label2id'] = Object.fromEntries(names.map((n, i) => [n, i]));
+    if (cfg['pad_token_id'] === undefined && typeof cfg['eos_token_id'] === 'number') cfg['pad_token_id'] = cfg['eos_token_id'];
+  }
+  Object.assign(cfg, opts.configUpdates ?? {});
+  const config = setConfigDtype(cfg, dtype);
+  return withStagingDir(
+    outDir,
+    async (stage) => {
+      const w = await ShardedSafetensorsWriter.create(stage.path, tensors.map((t) => ({ name: t.name, dtype, shape: t.shape })));
+      try {
+        for (const t of tensors) await w.writeF32(t.name, t.data);
+        await w.finish();
+      } catch (e) {
+        await w.abort();
+        throw e;
+      }
+      await writeFile(stage.file('config.json'), JSON.stringify(config, null, 2) + '\n');
+      for (const f of HF_EXTRA_FILES) {
+        if (await isFile(join(srcDir, f))) await copyFile(join(srcDir, f), stage.file(f));
+      }
+      return stage.target;
+    },
+    { overwrite: opts.overwrite },
+  );
+}
+
+export interface SaveAdapterOptions {
+  dtype?: FloatDType;
+  overwrite?: boolean;
+  head?: SequenceClassificationHead | null;
+  /** `base_model_name_or_path`. */
+  baseModel?: string;
+  /** `lora_dropout` recorded in the config. */
+  dropout?: number;
+}
+
+/** Write the model's LoRA modules (and a classification head under modules_to_save) as a PEFT adapter folder. */
+export async function saveAdapterFolder(model: LlamaModel, outDir: string, opts: SaveAdapterOptions = {}): Promise<string> {
+  const mods = loraModules(model);
+  if (mods.length === 0) throw new AmalgamError('E_USAGE', 'the model has no LoRA modules to save');
+  const first = mods[0]!;
+  if (mods.some((m) => m.rank !== first.rank || m.alpha !== first.alpha || m.rslora !== first.rslora)) {
+    throw new AmalgamError('E_UNSUPPORTED', 'LoRA modules with different ranks or alphas cannot be written with one r and lora_alpha');
+  }
+  const factors: LoraFactors[] = mods.map((m) => ({ path: m.name, a: m.A.data, b: m.B.data, rank: m.rank, inFeatures: m.inFeatures, outFeatures: m.outFeatures }));
+  const full: FullTensor[] = [];
+  if (opts.head) full.push({ name: SCORE_WEIGHT, shape: [...opts.head.score.weight.shape], data: opts.head.score.weight.data });
+  const w = await writePeftAdapter(
+    outDir,
+    factors,
+    full,
+    {
+      r: first.rank,
+      alpha: first.alpha,
+      useRslora: first.rslora,
+      taskType: opts.head ? 'SEQ_CLS' : 'CAUSAL_LM',
+      baseModel: opts.baseModel,
+      modulesToSave: opts.head ? ['score'] : undefined,
+      dropout: opts.dropout,
+    },
+    { dtype: opts.dtype, overwrite: opts.overwrite },
+  );
+  return w.dir;
+}
