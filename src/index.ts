@@ -74,3 +74,6 @@ export * from './data/datasets.js';
 export * from './data/batching.js';
 export * from './data/domain.js';
 export * from './lora/peft-write.js';
+export { inspectPath, type InspectReport, type InspectTensor, type InspectKind } from './inspect.js';
+export { writeSyntheticLlama, llamaTensorSpecs, type SyntheticLlamaOptions, type SyntheticLlama } from './demo/synthetic.js';
+export { runDemo, type DemoResult } from './demo/demo.js';
