@@ -77,3 +77,4 @@ export * from './lora/peft-write.js';
 export { inspectPath, type InspectReport, type InspectTensor, type InspectKind } from './inspect.js';
 export { writeSyntheticLlama, llamaTensorSpecs, type SyntheticLlamaOptions, type SyntheticLlama } from './demo/synthetic.js';
 export { runDemo, type DemoResult } from './demo/demo.js';
+export * from './dam/index.js';
