@@ -16,8 +16,11 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { INDEX_FILE, ShardedSafetensors, ShardedSafetensorsWriter, openSafetensors, type TensorSpec } from '../src/io/safetensors.js';
-import { getMergeMethod, mergeTensor } from '../src/merge/registry.js';
-import type { MergeContext } from '../src/merge/types.js';
+import { combineTaskVectors, fusedMerge, gtaVariantOf, useWasmKernels, wasmKernelsAvailable, type MemoryValues } from '../src/merge/gta.js';
+import { getMergeMethod } from '../src/merge/registry.js';
+import { sparsify } from '../src/merge/sparsify.js';
+import { subtract } from '../src/merge/tensor-ops.js';
+import { bf16ToF32, f32ToBf16 } from '../src/tensor/dtype.js';
 import { encodeFromF32, numel } from '../src/tensor/dtype.js';
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
@@ -41,9 +44,12 @@ const HELP = `usage: npm run bench -- merge [options]
   --seed <n>        content seed (default 1)
   --jobs <n>        worker threads of the merge (default: the merge's own default)
   --repeats <n>     merges to run, each in a fresh child process; the fastest is reported and the
-                    peak RSS is the largest of all runs (default 1)
+                    peak RSS is the largest of all runs (default 2)
   --regen           regenerate the checkpoints even if valid ones exist
   --keep-output     keep the merged model (default: removed after the run)
+  --check-kernels <n>  instead of the benchmark: compare the fused merge kernel (WebAssembly and
+                    TypeScript) with the unfused pipeline (taskVector, sparsify, combineTaskVectors)
+                    on n random cases, bit for bit
   --json            print the results as JSON on stdout (progress goes to stderr)
   --help            this text`;
 
@@ -367,28 +373,48 @@ function spawnMerge(configPath: string, outDir: string, jobs: number | undefined
 }
 
 /**
- * Checks a few output tensors against the library's TIES method run on float32 inputs in this
- * process, byte for byte.
+ * TIES as mergekit defines it (merge-methods.md §3), written plainly and independently of the
+ * library's kernels: task vectors in float32, the top ⌊density·n⌋ magnitudes by a full sort (ties
+ * by lower index), sign election on the weighted sum, the weighted mean over agreeing models.
  */
+function referenceTies(base: Float32Array, xs: readonly Float32Array[], weights: readonly number[], density: number): Float32Array {
+  const n = base.length;
+  const deltas = xs.map((x) => {
+    const d = new Float32Array(n);
+    for (let i = 0; i < n; i++) d[i] = x[i]! - base[i]!;
+    const k = Math.trunc(density * n);
+    const order = Array.from({ length: n }, (_, i) => i).sort((i, j) => Math.abs(d[j]!) - Math.abs(d[i]!) || i - j);
+    const keep = new Uint8Array(n);
+    for (let r = 0; r < k; r++) keep[order[r]!] = 1;
+    for (let i = 0; i < n; i++) d[i] = d[i]! * keep[i]!;
+    return d;
+  });
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    let total = 0;
+    for (let m = 0; m < deltas.length; m++) total += Math.fround(weights[m]! * deltas[m]![i]!);
+    const sign = total >= 0 ? 1 : -1;
+    let mixed = 0;
+    let divisor = 0;
+    for (let m = 0; m < deltas.length; m++) {
+      const v = Math.fround(weights[m]! * deltas[m]![i]!);
+      const agree = +(v * sign > 0);
+      mixed += v * agree;
+      divisor += weights[m]! * agree;
+    }
+    out[i] = base[i]! + mixed / (divisor === 0 ? 1 : divisor);
+  }
+  return out;
+}
+
+/** Checks a few output tensors byte for byte against `referenceTies` on the same inputs. */
 async function verifyOutput(dir: string, outDir: string, names: string[]): Promise<void> {
   const sources = await Promise.all(MODELS.map((m) => openSafetensors(join(dir, m))));
   const out = await openSafetensors(outDir);
   try {
-    const method = getMergeMethod('ties');
     for (const name of names) {
-      const inputs = await Promise.all(sources.map(async (s, m) => ({ model: MODELS[m]!, data: await s.readF32(name), shape: s.info(name).shape })));
-      const perModel: Record<string, Record<string, number>> = {};
-      for (let i = 0; i < 3; i++) perModel[MODELS[i + 1]!] = { weight: WEIGHTS[i]!, density: DENSITY };
-      const ctx: MergeContext = {
-        tensorName: name,
-        isEmbed: false,
-        isOptional: false,
-        inputs,
-        base: 'base',
-        params: { global: { normalize: true, rescale: false, lambda: 1, int8_mask: false }, perModel },
-      };
-      const merged = mergeTensor(method, ctx)!;
-      const want = encodeFromF32('BF16', merged.data);
+      const [base, ...xs] = await Promise.all(sources.map((s) => s.readF32(name)));
+      const want = encodeFromF32('BF16', referenceTies(base!, xs, WEIGHTS, DENSITY));
       const got = await out.readRaw(name);
       if (Buffer.compare(Buffer.from(got.buffer, got.byteOffset, got.length), Buffer.from(want.buffer, want.byteOffset, want.length)) !== 0) {
         throw new Error(`merged ${name} differs from the reference TIES result`);
@@ -397,6 +423,85 @@ async function verifyOutput(dir: string, outDir: string, names: string[]): Promi
   } finally {
     await Promise.all([...sources, out].map((s) => s.close()));
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel check
+
+/**
+ * The fused kernel against the unfused pipeline on random cases: sizes below and above the
+ * sampled-bracket threshold, 1 to 4 models, ties, zeros and tie-heavy BF16 data, densities from 0
+ * to 1, negative and large weights, with and without sign consensus, normalisation and lambda;
+ * inputs in float32 and in BF16 (rounded to BF16 or not), outputs in BF16 and float32. Returns
+ * the number of mismatches.
+ */
+function checkKernels(cases: number, log: (s: string) => void): number {
+  let seed = 0x1234567;
+  const rnd = () => {
+    seed ^= seed << 13;
+    seed ^= seed >>> 17;
+    seed ^= seed << 5;
+    return (seed >>> 0) / 4294967296;
+  };
+  const pick = <T>(a: readonly T[]): T => a[Math.floor(rnd() * a.length)]!;
+  const normal = () => Math.sqrt(-2 * Math.log(rnd() + 1e-12)) * Math.cos(2 * Math.PI * rnd());
+  const data = (n: number, kind: string, base?: Float32Array): Float32Array => {
+    const a = new Float32Array(n);
+    for (let i = 0; i < n; i++) {
+      const b = base ? base[i]! : 0;
+      a[i] =
+        kind === 'ints' ? b + Math.floor(rnd() * 7) - 3 : kind === 'sparse' ? (rnd() < 0.7 ? b : b + normal() * 0.01) : kind === 'steps' ? b * (1 + (Math.floor(rnd() * 9) - 4) / 128) : b + normal() * 0.02;
+    }
+    return kind === 'steps' || !base ? bf16ToF32(f32ToBf16(a)) : a;
+  };
+  const ties = getMergeMethod('ties');
+  const ta = getMergeMethod('task_arithmetic');
+  let failures = 0;
+  for (let c = 0; c < cases; c++) {
+    const n = c % 5 === 4 ? pick([(1 << 20) + 3, 3 * (1 << 20) + 17]) : pick([1, 3, 8, 100, 4097, 20000, 100_003]);
+    const M = 1 + (c % 4);
+    const kind = pick(['normal', 'ints', 'sparse', 'steps']);
+    const method = rnd() < 0.8 ? ties : ta;
+    const v = gtaVariantOf(method)!;
+    const base = data(n, 'normal');
+    const xs = Array.from({ length: M }, () => data(n, kind, base));
+    const perModel: Record<string, Record<string, number>> = {};
+    for (let k = 0; k < M; k++) perModel[`m${k}`] = { weight: pick([1, 0.8, 0.6, -0.5, 0, 2.5, normal()]), density: pick([0, 1e-7, 0.1, 0.5, 0.5, 0.9, 1, rnd()]) };
+    const global = { normalize: rnd() < 0.7, rescale: false, lambda: pick([1, 1, 0.5]), int8_mask: false };
+    const params = { global, perModel };
+    for (const stored of ['F32', 'BF16'] as const) {
+      const round = stored === 'BF16' && rnd() < 0.5 ? ('BF16' as const) : undefined;
+      const values = [base, ...xs].map((a): MemoryValues => (stored === 'F32' ? { dtype: 'F32', data: a } : { dtype: 'BF16', data: f32ToBf16(a), ...(round ? { round } : {}) }));
+      const f32 = values.map((x) => (x.dtype === 'F32' ? x.data : bf16ToF32(x.data as Uint16Array)));
+      // The unfused pipeline, as the methods ran before the fused kernel.
+      const warnOld: string[] = [];
+      const deltas = f32.slice(1).map((x, k) => {
+        const d = subtract(x, f32[0]!);
+        const density = perModel[`m${k}`]!['density']!;
+        if (!v.sparsification || density >= 1) return d;
+        return sparsify(d, { method: 'magnitude', density, rescale: false, shape: [n], tensorName: 't', model: `m${k}`, warn: (m) => warnOld.push(m) });
+      });
+      const weights = xs.map((_, k) => perModel[`m${k}`]!['weight']!);
+      const want = combineTaskVectors(f32[0]!, deltas, weights, v.consensus, global.normalize, global.lambda);
+      const inputs = values.map((x, k) => ({ model: k === 0 ? 'base' : `m${k - 1}`, shape: [n], values: x }));
+      for (const wasmOn of [true, false]) {
+        useWasmKernels(wasmOn);
+        for (const od of ['BF16', 'F32'] as const) {
+          const out: MemoryValues = od === 'F32' ? { dtype: 'F32', data: new Float32Array(n) } : { dtype: 'BF16', data: new Uint16Array(n) };
+          const warnNew: string[] = [];
+          fusedMerge(v, { tensorName: 't', isEmbed: false, base: 'base', params, warn: (m) => warnNew.push(m) }, inputs, out);
+          const exp = encodeFromF32(od, want);
+          const got = new Uint8Array(out.data.buffer, out.data.byteOffset, out.data.byteLength);
+          if (Buffer.compare(Buffer.from(exp.buffer, exp.byteOffset, exp.byteLength), Buffer.from(got.buffer, got.byteOffset, got.byteLength)) !== 0 || warnOld.join() !== warnNew.join()) {
+            failures++;
+            log(`  MISMATCH case ${c}: ${v.name} n=${n} M=${M} ${kind} ${stored}${round ? '(rounded)' : ''} -> ${od}, ${wasmOn ? 'wasm' : 'typescript'} ${JSON.stringify(params)}`);
+          }
+        }
+      }
+    }
+  }
+  useWasmKernels(true);
+  return failures;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,6 +548,7 @@ export async function run(args: string[]): Promise<void> {
       repeats: { type: 'string' },
       regen: { type: 'boolean' },
       'keep-output': { type: 'boolean' },
+      'check-kernels': { type: 'string' },
       'child-config': { type: 'string' },
       'child-out': { type: 'string' },
       json: { type: 'boolean' },
@@ -460,10 +566,19 @@ export async function run(args: string[]): Promise<void> {
   }
   const json = values.json === true;
   const log = (s: string) => (json ? console.error(s) : console.log(s));
+  if (values['check-kernels'] !== undefined) {
+    const cases = positive('check-kernels', values['check-kernels'], 1, true);
+    log(`merge: checking the fused kernel (${wasmKernelsAvailable() ? 'WebAssembly and TypeScript' : 'TypeScript only; WebAssembly not built'}) against the unfused pipeline on ${cases} random cases`);
+    const failures = checkKernels(cases, log);
+    log(`${failures === 0 ? 'PASS' : 'FAIL'}: ${failures} mismatch${failures === 1 ? '' : 'es'}`);
+    if (json) console.log(JSON.stringify({ benchmark: 'merge', check: 'kernels', cases, failures }));
+    if (failures) process.exitCode = 1;
+    return;
+  }
   const sizeBytes = Math.round(positive('size-gb', values['size-gb'], 1) * 1e9);
   const shardBytes = Math.round(positive('shard-mb', values['shard-mb'], 500) * 1e6);
   const seed = positive('seed', values.seed, 1, true);
-  const repeats = positive('repeats', values.repeats, 1, true);
+  const repeats = positive('repeats', values.repeats, 2, true);
 
   const { specs, layers } = llamaSpecs(sizeBytes);
   const dataBytes = specBytes(specs);
@@ -505,8 +620,8 @@ export async function run(args: string[]): Promise<void> {
   }
   const outBytes = await weightBytes(outDir);
   const writeRuns = [await timeWrite(join(dir, '.floor-write.tmp'), outBytes), await timeWrite(join(dir, '.floor-write.tmp'), outBytes)];
-  log('  checking three output tensors against the reference TIES result');
-  await verifyOutput(dir, outDir, ['model.layers.0.self_attn.k_proj.weight', 'model.norm.weight', `model.layers.${layers - 1}.mlp.down_proj.weight`]);
+  log('  checking three output tensors against a plain reference TIES');
+  await verifyOutput(dir, outDir, ['model.layers.0.self_attn.k_proj.weight', 'model.norm.weight', `model.layers.${layers - 1}.self_attn.v_proj.weight`]);
   if (!values['keep-output']) await rm(outDir, { recursive: true, force: true });
 
   const best = merges.reduce((a, b) => (b.seconds < a.seconds ? b : a));
@@ -518,6 +633,7 @@ export async function run(args: string[]): Promise<void> {
   const speedOk = ratio <= 1.5;
   const memOk = peakRss <= rssBound;
   const cpu = best.userSeconds + best.systemSeconds;
+  const kernels = wasmKernelsAvailable() ? 'WebAssembly SIMD (dist/merge/merge-kernels.wasm)' : 'TypeScript (the WebAssembly kernels are not built: npm run build:wasm)';
 
   if (json) {
     console.log(
@@ -529,6 +645,7 @@ export async function run(args: string[]): Promise<void> {
           weights: WEIGHTS,
           models: { dir, count: MODELS.length, layers, tensors: specs.length, dataBytesEach: dataBytes, inputFiles: files.length, inputBytes, dtype: 'BF16' },
           node: process.version,
+          kernels: wasmKernelsAvailable() ? 'wasm' : 'typescript',
           cores: availableParallelism(),
           loadAverage1m: loadavg()[0],
           merge: { seconds: best.seconds, runs: merges.map((m) => m.seconds), processSeconds: best.processSeconds, jobs: best.jobs, userSeconds: best.userSeconds, systemSeconds: best.systemSeconds, outBytes },
@@ -546,6 +663,7 @@ export async function run(args: string[]): Promise<void> {
 
   console.log('');
   console.log(`inputs: ${MODELS.length} models x ${fmtBytes(dataBytes)} BF16 (${files.length} files, ${fmtBytes(inputBytes)}); page cache warm; ${availableParallelism()} cores; load average ${loadavg()[0]!.toFixed(2)}`);
+  console.log(`kernels: ${kernels}`);
   console.log(`merge (runMerge in a child process, ${best.jobs} jobs)   ${best.seconds.toFixed(3)} s${repeats > 1 ? ` (best of ${repeats}: ${merges.map((m) => m.seconds.toFixed(2)).join(', ')})` : ''}; CPU ${cpu.toFixed(1)} s (${(cpu / best.seconds).toFixed(2)} cores busy)`);
   console.log(`I/O floor                                  ${floor.toFixed(3)} s = cat inputs > /dev/null ${cat.toFixed(3)} s + write ${fmtBytes(outBytes)} + fsync ${write.toFixed(3)} s (best of 2 each)`);
   console.log(`ratio merge / floor                        ${ratio.toFixed(2)}  (bar <= 1.5: ${speedOk ? 'PASS' : 'FAIL'})`);

@@ -32,9 +32,21 @@ export const BENCHMARKS: Record<string, BenchEntry> = {
     description: 'fine-tune stories260K: full and LoRA LM on Tiny Shakespeare (300 steps), LoRA classification on the domain task and SST-2',
     load: () => import('./finetune.js'),
   },
+  train: {
+    description: 'forward + backward + AdamW tokens/s for the stories260K and stories15M shapes (batch 8 × 256), 1024³ matmul GFLOP/s, vs PyTorch when available',
+    load: () => import('./train.js'),
+  },
   merge: {
     description: 'TIES (density 0.5) of 3 fine-tunes + base, >= 1 GB BF16 each: wall time vs the I/O floor, and peak RSS vs its bound',
     load: () => import('./merge.js'),
+  },
+  osrm: {
+    description: 'OSRM on stories260K (domain, pronoun, parity): standard vs orthonormal control vs OSRM LoRA, merged by TA/TIES over λ, seeds 0-2',
+    load: () => import('./osrm.js'),
+  },
+  dam: {
+    description: 'learned merging of the 3 stories260K domain experts: linear / TA / TIES / DARE-TIES (val grid), CMA-ES (200 evals), AdaMerging and DAM (100 steps) on the test windows',
+    load: () => import('./dam.js'),
   },
 };
 

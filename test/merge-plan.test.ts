@@ -216,8 +216,8 @@ test('adapters, revisions, hub ids, modules and missing folders are refused up f
   assert.match(e.message, /has no tokenizer\.json/);
 
   e = await refused('merge_method: linear\nmodels:\n  - {model: a+some/adapter, parameters: {weight: 1}}\n');
-  assert.equal(e.code, 'E_UNSUPPORTED');
-  assert.match(e.message, /LoRA adapter/);
+  assert.equal(e.code, 'E_IO');
+  assert.match(e.message, /LoRA adapter folder .* does not exist/);
 
   e = await refused('merge_method: linear\nmodels:\n  - {model: a@main, parameters: {weight: 1}}\n');
   assert.match(e.message, /revision/);

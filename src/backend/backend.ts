@@ -67,6 +67,48 @@ export interface CrossEntropyOptions {
   reduction?: 'mean' | 'sum';
 }
 
+/**
+ * Shapes of a causal multi-head attention call. Queries, outputs and their gradients are
+ * [batch, queries, heads, headDim] (rows of heads·headDim); keys and values are rows of
+ * kvHeads·headDim, `kvStride` elements from one sequence to the next; probabilities are
+ * [batch, heads, queries, keys]. Query head h reads key/value head ⌊h / (heads / kvHeads)⌋.
+ */
+export interface AttentionOptions {
+  batch: number;
+  /** Query rows per sequence. */
+  queries: number;
+  /** Keys per sequence (default: queries). */
+  keys?: number;
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+  /** Multiplies the scores (default 1/√headDim). */
+  scale?: number;
+  /** Key position of the first query (default keys − queries); query t keeps keys j ≤ offset + t. */
+  queryOffset?: number;
+  /** Elements from one sequence's keys (and values) to the next (default keys·kvHeads·headDim). */
+  kvStride?: number;
+  /**
+   * Backward only: a buffer of at least batch·heads·queries² floats that a backend composing
+   * attention from matmuls may use for the probabilities' gradient (else it allocates one).
+   */
+  workspace?: Float32Array;
+}
+
+/** AttentionOptions with every default filled in. */
+export interface AttentionPlan {
+  B: number;
+  T: number;
+  Tk: number;
+  H: number;
+  Hkv: number;
+  hd: number;
+  scale: number;
+  offset: number;
+  kvStride: number;
+  workspace: Float32Array | undefined;
+}
+
 export interface Backend {
   /** Short name, e.g. 'reference' or 'wasm'. */
   readonly name: string;
@@ -202,10 +244,48 @@ export interface Backend {
     opts?: CrossEntropyOptions,
   ): number;
 
+  /**
+   * Causal attention: probs[b, h, t, :] = softmax(scale · q[b, t, h] · k[b, :, h/g]ᵀ) over the
+   * keys j ≤ offset + t (the others exactly 0), out[b, t, h] = probs[b, h, t, :] · v[b, :, h/g].
+   */
+  attention(
+    q: Float32Array,
+    k: Float32Array,
+    v: Float32Array,
+    probs: Float32Array,
+    out: Float32Array,
+    opts: AttentionOptions,
+  ): void;
+
+  /**
+   * Gradients of `attention` (keys = queries, offset 0) from the probabilities it stored and
+   * dOut: writes dq, dk and dv (each key/value head summed over the query heads that read it).
+   */
+  attentionBackward(
+    q: Float32Array,
+    k: Float32Array,
+    v: Float32Array,
+    probs: Float32Array,
+    dOut: Float32Array,
+    dq: Float32Array,
+    dk: Float32Array,
+    dv: Float32Array,
+    opts: AttentionOptions,
+  ): void;
+
   /** out[t, :] = table[ids[t], :] for t < ids.length; table is [vocab, dim]. */
   embedding(table: Float32Array, ids: Int32Array, out: Float32Array, dim: number): void;
   /** dTable[ids[t], :] += dOut[t, :] (accumulated). */
   embeddingBackward(dOut: Float32Array, ids: Int32Array, dTable: Float32Array, dim: number): void;
+
+  /**
+   * Optional: a zeroed buffer of n floats that this backend's ops use in place, without copying
+   * it in or out (the WebAssembly backend places it in its own memory). It is an ordinary
+   * Float32Array otherwise. Give it back with `release` when it is no longer needed.
+   */
+  allocate?(n: number): Float32Array;
+  /** Optional: returns a buffer from `allocate`; it must not be used afterwards. Other arrays are ignored. */
+  release?(a: Float32Array): void;
 
   /** Releases threads and memory. The backend must not be used afterwards. */
   dispose(): void;
@@ -426,4 +506,40 @@ export function checkEmbedding(
     const id = ids[t]!;
     if (id < 0 || id >= vocab) throw shapeError(op, `ids[${t}] = ${id} is outside the table of ${vocab} rows`);
   }
+}
+
+/** Validates an attention call (forward, or backward with `backward`) and fills in defaults. */
+export function planAttention(
+  op: string,
+  opts: AttentionOptions,
+  arrays: { q: Float32Array; k: Float32Array; v: Float32Array; probs: Float32Array; rowsOut: Float32Array[]; kvOut?: Float32Array[] },
+  backward = false,
+): AttentionPlan {
+  const B = opts.batch;
+  const T = opts.queries;
+  const Tk = opts.keys ?? T;
+  const H = opts.heads;
+  const Hkv = opts.kvHeads;
+  const hd = opts.headDim;
+  checkDims(op, { batch: B, queries: T, keys: Tk, heads: H, kvHeads: Hkv, headDim: hd });
+  if (Hkv === 0 || H % Hkv !== 0) throw shapeError(op, `heads ${H} must be a positive multiple of kvHeads ${Hkv}`);
+  const offset = opts.queryOffset ?? Tk - T;
+  if (!Number.isSafeInteger(offset) || offset < 0) throw shapeError(op, `queryOffset must be a non-negative integer, got ${offset}`);
+  if (T > 0 && offset + T > Tk) throw shapeError(op, `queries at ${offset}…${offset + T - 1} go past the ${Tk} keys`);
+  const kvd = Hkv * hd;
+  const kvStride = opts.kvStride ?? Tk * kvd;
+  checkDims(op, { kvStride });
+  if (B > 1 && kvStride < Tk * kvd) throw shapeError(op, `kvStride ${kvStride} is less than keys × kvHeads × headDim = ${Tk * kvd}`);
+  if (backward && (Tk !== T || offset !== 0)) throw shapeError(op, 'the backward needs keys = queries and offset 0');
+  const scale = opts.scale ?? 1 / Math.sqrt(hd);
+  if (typeof scale !== 'number' || !Number.isFinite(scale)) throw shapeError(op, 'scale must be a finite number');
+  const rows = B * T * H * hd;
+  const kvExtent = B === 0 || Tk === 0 ? 0 : (B - 1) * kvStride + Tk * kvd;
+  checkLength(op, 'q', arrays.q, rows);
+  checkLength(op, 'k', arrays.k, kvExtent);
+  checkLength(op, 'v', arrays.v, kvExtent);
+  checkLength(op, 'probs', arrays.probs, B * H * T * Tk);
+  for (const a of arrays.rowsOut) checkLength(op, 'output', a, rows);
+  for (const a of arrays.kvOut ?? []) checkLength(op, 'key/value gradient', a, kvExtent);
+  return { B, T, Tk, H, Hkv, hd, scale, offset, kvStride, workspace: opts.workspace };
 }

@@ -27,6 +27,26 @@ function checkRows(op: string, x: Float32Array, out: Float32Array, rows: number,
   checkLength(op, 'output', out, rows * dim);
 }
 
+/** 2^(i/64), i < 64. */
+const EXP_FRAC = Float64Array.from({ length: 64 }, (_, i) => Math.pow(2, i / 64));
+/** 2^k for k = −160 … 160, at k + 160. */
+const EXP_INT = Float64Array.from({ length: 321 }, (_, i) => Math.pow(2, i - 160));
+
+/**
+ * e^x to about 1e-15 relative error over the range that matters in float32: 2^(k/64) from two
+ * tables times a degree-4 polynomial for the remainder. Below −104 (where the float32 result is
+ * 0) it returns 0; above 88.72 (float32 overflow) Infinity; NaN stays NaN.
+ */
+export function fastExp(x: number): number {
+  if (!(x <= 88.72)) return x > 88.72 ? Infinity : NaN;
+  if (x < -104) return 0;
+  const y = x * 92.33248261689366; // 64 / ln 2
+  const k = Math.floor(y);
+  const f = (y - k) * 0.010830424696249145; // ln 2 / 64
+  const p = 1 + f * (1 + f * (0.5 + f * (0.16666666666666666 + f * 0.041666666666666664)));
+  return p * EXP_FRAC[k & 63]! * EXP_INT[(k >> 6) + 160]!;
+}
+
 function invRmsOf(x: Float32Array, o: number, dim: number, eps: number): number {
   let ss = 0;
   for (let j = o, end = o + dim; j < end; j++) {
@@ -116,7 +136,7 @@ export class ElementwiseOps {
       }
       let sum = 0;
       for (let j = 0; j < limit; j++) {
-        const e = Math.exp(x[o + j]! - max);
+        const e = fastExp(x[o + j]! - max);
         out[o + j] = e;
         sum += e;
       }
@@ -140,7 +160,7 @@ export class ElementwiseOps {
     checkN('silu', n, x, out);
     for (let i = 0; i < n; i++) {
       const v = x[i]!;
-      out[i] = v / (1 + Math.exp(-v));
+      out[i] = v / (1 + fastExp(-v));
     }
   }
 
@@ -148,7 +168,7 @@ export class ElementwiseOps {
     checkN('siluBackward', n, x, dOut, dx);
     for (let i = 0; i < n; i++) {
       const v = x[i]!;
-      const s = 1 / (1 + Math.exp(-v));
+      const s = 1 / (1 + fastExp(-v));
       dx[i] = dOut[i]! * s * (1 + v * (1 - s));
     }
   }
@@ -157,7 +177,7 @@ export class ElementwiseOps {
     checkN('swiglu', n, gate, up, out);
     for (let i = 0; i < n; i++) {
       const g = gate[i]!;
-      out[i] = (g / (1 + Math.exp(-g))) * up[i]!;
+      out[i] = (g / (1 + fastExp(-g))) * up[i]!;
     }
   }
 
@@ -176,7 +196,7 @@ export class ElementwiseOps {
       const g = gate[i]!;
       const u = up[i]!;
       const d = dOut[i]!;
-      const s = 1 / (1 + Math.exp(-g));
+      const s = 1 / (1 + fastExp(-g));
       const gs = g * s;
       dGate[i] = d * u * (s + gs * (1 - s));
       dUp[i] = d * gs;
@@ -228,24 +248,31 @@ export class ElementwiseOps {
     for (let r = 0, o = 0; r < rows; r++, o += vocab) {
       const t = targets[r]!;
       const w = t < 0 || denom === 0 ? 0 : (weights ? weights[r]! : 1) / denom;
-      if (w === 0 && !dLogits) continue;
+      if (w === 0) {
+        if (dLogits) dLogits.fill(0, o, o + vocab);
+        continue;
+      }
       let max = -Infinity;
       for (let j = o, end = o + vocab; j < end; j++) {
         const v = logits[j]!;
         if (v > max) max = v;
       }
+      const target = logits[o + t]!;
       let sum = 0;
-      for (let j = o, end = o + vocab; j < end; j++) sum += Math.exp(logits[j]! - max);
-      if (w !== 0) loss += w * (max + Math.log(sum) - logits[o + t]!);
       if (dLogits) {
-        if (w === 0) {
-          dLogits.fill(0, o, o + vocab);
-        } else {
-          const f = w / sum;
-          for (let j = o, end = o + vocab; j < end; j++) dLogits[j] = f * Math.exp(logits[j]! - max);
-          dLogits[o + t] = dLogits[o + t]! - w;
+        // One pass of exponentials into dLogits (which may be logits), then the scaling.
+        for (let j = o, end = o + vocab; j < end; j++) {
+          const e = fastExp(logits[j]! - max);
+          dLogits[j] = e;
+          sum += e;
         }
+        const f = w / sum;
+        for (let j = o, end = o + vocab; j < end; j++) dLogits[j] = f * dLogits[j]!;
+        dLogits[o + t] = dLogits[o + t]! - w;
+      } else {
+        for (let j = o, end = o + vocab; j < end; j++) sum += fastExp(logits[j]! - max);
       }
+      loss += w * (max + Math.log(sum) - target);
     }
     return loss;
   }

@@ -2,7 +2,9 @@
  * The reference backend: every op as a plain loop, accumulating in float64, written to be read
  * rather than to be fast. The tests check the fast backends against it.
  */
+import { composedAttention, composedAttentionBackward } from './attention.js';
 import {
+  type AttentionOptions,
   type Backend,
   type BatchedMatmulOptions,
   type CrossEntropyOptions,
@@ -13,6 +15,7 @@ import {
   checkEmbedding,
   checkLength,
   checkRope,
+  planAttention,
   planMatmul,
   planSoftmax,
 } from './backend.js';
@@ -261,6 +264,26 @@ export class ReferenceBackend implements Backend {
       }
     }
     return loss;
+  }
+
+  attention(q: Float32Array, k: Float32Array, v: Float32Array, probs: Float32Array, out: Float32Array, opts: AttentionOptions): void {
+    const p = planAttention('attention', opts, { q, k, v, probs, rowsOut: [out] });
+    composedAttention(this, p, q, k, v, probs, out);
+  }
+
+  attentionBackward(
+    q: Float32Array,
+    k: Float32Array,
+    v: Float32Array,
+    probs: Float32Array,
+    dOut: Float32Array,
+    dq: Float32Array,
+    dk: Float32Array,
+    dv: Float32Array,
+    opts: AttentionOptions,
+  ): void {
+    const p = planAttention('attentionBackward', opts, { q, k, v, probs, rowsOut: [dOut, dq], kvOut: [dk, dv] }, true);
+    composedAttentionBackward(this, p, q, k, v, probs, dOut, dq, dk, dv);
   }
 
   embedding(table: Float32Array, ids: Int32Array, out: Float32Array, dim: number): void {

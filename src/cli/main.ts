@@ -12,6 +12,10 @@ import { registerDemo } from './demo.js';
 import { registerTrain } from './train.js';
 import { registerEval } from './eval.js';
 import { registerGenerate } from './generate.js';
+import { registerLora } from './lora.js';
+import { registerDam } from './dam.js';
+import { registerEvolve } from './evolve.js';
+import { registerAdaMerge } from './adamerge.js';
 import { registerMerge } from './merge.js';
 
 const require = createRequire(import.meta.url);
@@ -31,6 +35,10 @@ export function buildProgram(): Command {
   registerGenerate(program);
   registerEval(program);
   registerTrain(program);
+  registerLora(program);
+  registerDam(program);
+  registerEvolve(program);
+  registerAdaMerge(program);
   return program;
 }
 

@@ -63,6 +63,8 @@ export interface DamStepInfo {
   regularisers: RegulariserValues;
   gradNorm: number;
   lr: number;
+  /** Real tokens through the merged model so far, per source. */
+  tokens: number[];
   elapsedSeconds: number;
 }
 
@@ -191,6 +193,7 @@ export async function trainDam(dam: DamModel, data: readonly DamSourceData[], op
       regularisers: v.regularisers,
       gradNorm: norm,
       lr,
+      tokens: tokens.slice(),
       elapsedSeconds: (performance.now() - t0) / 1000,
     });
     await new Promise<void>((r) => setImmediate(r));

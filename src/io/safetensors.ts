@@ -282,6 +282,22 @@ export class SafetensorsFile implements TensorSource {
     const e = this.entry(name);
     return this.reader.read(this.header.dataStart + e.begin, e.end - e.begin);
   }
+  /** Where a tensor's stored bytes are: a file and a byte range (undefined when not read from a file). */
+  locate(name: string): TensorLocation | undefined {
+    const e = this.entry(name);
+    if (!(this.reader instanceof FileByteReader)) return undefined;
+    return { path: this.reader.path, offset: this.header.dataStart + e.begin, length: e.end - e.begin };
+  }
+  /** Reads a tensor's stored bytes into `dst`, which must be exactly their size. */
+  async readRawInto(name: string, dst: Uint8Array): Promise<void> {
+    const e = this.entry(name);
+    if (dst.length !== e.end - e.begin) {
+      throw new AmalgamError('E_USAGE', `readRawInto needs ${e.end - e.begin} bytes, got a ${dst.length}-byte array`, { file: this.path, key: name });
+    }
+    const position = this.header.dataStart + e.begin;
+    if (this.reader.readInto) await this.reader.readInto(position, dst);
+    else dst.set(await this.reader.read(position, dst.length));
+  }
   async readF32(name: string): Promise<Float32Array> {
     const e = this.entry(name);
     const count = (e.end - e.begin) / 2;
@@ -487,6 +503,12 @@ export class ShardedSafetensors implements TensorSource {
   }
   readRaw(name: string): Promise<Uint8Array> {
     return this.file(name).readRaw(name);
+  }
+  readRawInto(name: string, dst: Uint8Array): Promise<void> {
+    return this.file(name).readRawInto(name, dst);
+  }
+  locate(name: string): TensorLocation | undefined {
+    return this.file(name).locate(name);
   }
   readF32(name: string): Promise<Float32Array> {
     return this.file(name).readF32(name);
@@ -811,6 +833,27 @@ export class ShardedSafetensorsWriter {
   async abort(): Promise<void> {
     await Promise.all(this.writers.map((w) => w.abort()));
   }
+}
+
+/** A tensor's stored bytes in a file: `length` bytes from byte `offset`. */
+export interface TensorLocation {
+  path: string;
+  offset: number;
+  length: number;
+}
+
+/**
+ * A source that can read a tensor's stored bytes into memory the caller owns, and tell where in a
+ * file they are.
+ */
+export interface RawIntoSource extends TensorSource {
+  readRawInto(name: string, dst: Uint8Array): Promise<void>;
+  locate(name: string): TensorLocation | undefined;
+}
+
+export function canReadRawInto(src: TensorSource): src is RawIntoSource {
+  const s = src as Partial<RawIntoSource>;
+  return typeof s.readRawInto === 'function' && typeof s.locate === 'function';
 }
 
 /** Open a safetensors file, or a folder (sharded through its index, or a single model.safetensors). */

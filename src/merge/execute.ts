@@ -2,15 +2,24 @@
  * Carrying out a merge plan, tensor by tensor (merge-methods.md §9.5).
  *
  * - Inputs are read lazily: one tensor of one model at a time, with positional reads.
- * - The arithmetic runs on worker threads (`jobs` of them; `jobs: 1` runs inline). Input arrays
- *   are transferred to the worker and the encoded result is transferred back, never copied.
+ * - The arithmetic runs on worker threads (`jobs` of them, started at once; `jobs: 1` runs
+ *   inline). Input arrays are transferred to the worker and the encoded result is transferred
+ *   back, never copied.
+ * - Tensors of the task arithmetic family with a magnitude or no sparsifier (ties,
+ *   task_arithmetic) skip float32 inputs: the fused kernel (`gta.ts`) reads the stored values.
+ *   With the WebAssembly kernels built and the inputs in files, the worker reads them chunk by
+ *   chunk straight from the files (`streamed`) and writes the result into a shared buffer;
+ *   otherwise they are read whole into reused buffers (`stored`). Buffers are pooled by size, so
+ *   tensors of recurring shapes reuse memory that is already paged in.
  * - Memory is bounded by admission control. Each tensor has a cost: (inputs + 3) × its float32
- *   size (the inputs, the result, its encoded form and one scratch array). A tensor starts only
- *   when the costs of the tensors in flight plus its own stay within the budget, or when nothing
- *   is in flight. The default budget is the largest cost in the plan, at most
- *   (max inputs + 3) × the largest tensor in float32, so the largest tensors are merged alone and
- *   small ones overlap. Scratch a method allocates beyond that (the task vectors of the task
- *   arithmetic family, one per non-base model) comes on top, for the tensors being merged only.
+ *   size (the inputs, the result, its encoded form and one scratch array), or what the fused
+ *   paths hold (`storedCost`, `streamedCost`). A tensor starts only when the costs of the tensors
+ *   in flight plus its own stay within the budget, or when nothing is in flight; idle pooled
+ *   buffers are dropped to keep them within the budget too. Tensors start costliest first, so the
+ *   largest ones overlap each other and small ones fill in at the end. The default budget is the
+ *   largest (inputs + 3) × float32 cost in the plan. Scratch a method allocates beyond that (the
+ *   task vectors of the other task arithmetic methods, one per non-base model) comes on top, for
+ *   the tensors being merged only.
  * - Results go straight to their final offsets in the output shards (the layout is fixed by the
  *   plan), inside a staging folder that is renamed to the output path only once complete. On
  *   any error or abort the staging folder is removed.
@@ -23,15 +32,18 @@ import { Worker } from 'node:worker_threads';
 import cliProgress from 'cli-progress';
 import { AmalgamError } from '../errors.js';
 import { withStagingDir } from '../io/atomic-dir.js';
-import { openSafetensors, ShardedSafetensorsWriter } from '../io/safetensors.js';
+import { canReadRawInto, openSafetensors, ShardedSafetensorsWriter, type RawIntoSource } from '../io/safetensors.js';
 import type { TensorSource } from '../io/source.js';
 import { byteSize, numel } from '../tensor/dtype.js';
+import { openAdaptedSource } from '../lora/apply.js';
+import { wasmDtypesFit, wasmKernelsAvailable } from './gta.js';
 import { AMALGAM_VERSION, writeOutputFiles } from './output.js';
 import { buildPermutedEmbedding, permutedEmbeddingSources, type EmbeddingMatrix } from './embed.js';
 import { embeddingPermutation, tensorCost, type MergePlan, type PlannedTensor } from './plan.js';
 import {
   computeTensor,
   deserializeError,
+  storedInputsFit,
   WORKER_MARK,
   type ComputeInput,
   type ComputeResult,
@@ -176,6 +188,11 @@ class WorkerPool {
     return w;
   }
 
+  /** Starts every worker now, so that their start-up overlaps the setup of the merge. */
+  warm(): void {
+    while (!this.broken && this.all.length < this.size) this.idle.push(this.start());
+  }
+
   async close(): Promise<void> {
     const ws = this.all.splice(0);
     this.idle.length = 0;
@@ -237,6 +254,86 @@ function abortError(outDir: string): AmalgamError {
   return new AmalgamError('E_IO', 'the merge was interrupted; nothing was written to the output path', { file: outDir });
 }
 
+/**
+ * Idle buffers kept for reuse, by exact size: ArrayBuffers (transferred to a worker and back) and
+ * SharedArrayBuffers (shared with it, never detached, so no allocation per transfer). Tensors of
+ * one shape recur in every layer, so their data goes to memory that is already paged in instead of
+ * freshly mapped memory (whose page faults cost more than the copy). `trim` drops the least
+ * recently returned buffers.
+ */
+class BufferPool {
+  private readonly free = new Map<string, (ArrayBuffer | SharedArrayBuffer)[]>();
+  private readonly order: (ArrayBuffer | SharedArrayBuffer)[] = [];
+  idleBytes = 0;
+
+  private static key(bytes: number, shared: boolean): string {
+    return `${shared ? 's' : 'a'}${bytes}`;
+  }
+
+  take(bytes: number): ArrayBuffer {
+    const b = this.reuse(bytes, false);
+    if (b) return b as ArrayBuffer;
+    if (bytes > 0 && bytes <= 2 ** 31) {
+      const u = Buffer.allocUnsafeSlow(bytes);
+      if (u.byteOffset === 0 && u.buffer.byteLength === bytes) return u.buffer as ArrayBuffer;
+    }
+    return new ArrayBuffer(bytes);
+  }
+
+  takeShared(bytes: number): SharedArrayBuffer {
+    return (this.reuse(bytes, true) as SharedArrayBuffer | undefined) ?? new SharedArrayBuffer(bytes);
+  }
+
+  private reuse(bytes: number, shared: boolean): ArrayBuffer | SharedArrayBuffer | undefined {
+    const b = this.free.get(BufferPool.key(bytes, shared))?.pop();
+    if (b) {
+      this.order.splice(this.order.indexOf(b), 1);
+      this.idleBytes -= bytes;
+    }
+    return b;
+  }
+
+  give(b: ArrayBuffer | SharedArrayBuffer): void {
+    if (b.byteLength === 0 || this.order.includes(b)) return;
+    const key = BufferPool.key(b.byteLength, b instanceof SharedArrayBuffer);
+    let list = this.free.get(key);
+    if (!list) this.free.set(key, (list = []));
+    list.push(b);
+    this.order.push(b);
+    this.idleBytes += b.byteLength;
+  }
+
+  trim(maxIdle: number): void {
+    while (this.idleBytes > maxIdle && this.order.length) {
+      const b = this.order.shift()!;
+      const list = this.free.get(BufferPool.key(b.byteLength, b instanceof SharedArrayBuffer))!;
+      list.splice(list.indexOf(b), 1);
+      this.idleBytes -= b.byteLength;
+    }
+  }
+}
+
+/**
+ * Resident bytes of a tensor merged from its stored bytes (`storedInputsFit`): the inputs and the
+ * output as stored, plus the fused kernel's scratch (per model, at most two lists of n/16
+ * (index, key) pairs), and never more than `tensorCost`.
+ */
+function storedCost(t: PlannedTensor): number {
+  const n = numel(t.shape);
+  let bytes = byteSize(t.dtype, n) ?? 4 * n;
+  for (const i of t.inputs) bytes += (byteSize(i.dtype, numel(i.shape)) ?? 4 * n) + n;
+  return Math.min(bytes, tensorCost(t));
+}
+
+/**
+ * Resident bytes of a tensor merged from its files chunk by chunk: the output as stored, plus the
+ * fused kernel's lists (as in `storedCost`), never more than `tensorCost`.
+ */
+function streamedCost(t: PlannedTensor): number {
+  const n = numel(t.shape);
+  return Math.min((byteSize(t.dtype, n) ?? 4 * n) + (t.inputs.length - 1) * n, tensorCost(t));
+}
+
 /** A Float32Array whose buffer can be transferred: offset 0 and the whole buffer. */
 function transferable(a: Float32Array): Float32Array {
   return a.byteOffset === 0 && a.byteLength === a.buffer.byteLength && a.buffer instanceof ArrayBuffer ? a : a.slice();
@@ -246,7 +343,7 @@ async function openSources(plan: MergePlan, open: (path: string) => Promise<Tens
   const used = new Set(plan.tensors.flatMap((t) => t.inputs.map((i) => i.model)));
   const out = new Map<string, TensorSource>();
   try {
-    for (const m of plan.models) if (used.has(m.id)) out.set(m.id, await open(m.path));
+    for (const m of plan.models) if (used.has(m.id)) out.set(m.id, m.adapter !== undefined ? await openAdaptedSource(await open(m.path), m.adapter, { baseLabel: m.id }) : await open(m.path));
   } catch (e) {
     await Promise.all([...out.values()].map((s) => s.close().catch(() => {})));
     throw e;
@@ -283,7 +380,15 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
   const signal = opts.signal;
   if (signal?.aborted) throw abortError(outDir);
 
-  const sources = await openSources(plan, opts.openSource ?? ((p) => openSafetensors(p)));
+  const pool = jobs > 1 ? new WorkerPool(jobs) : undefined;
+  pool?.warm();
+  let sources: Map<string, TensorSource>;
+  try {
+    sources = await openSources(plan, opts.openSource ?? ((p) => openSafetensors(p)));
+  } catch (e) {
+    await pool?.close();
+    throw e;
+  }
   const warningsByTensor = new Map<number, string[]>();
   let bytesRead = 0;
   let bytesWritten = 0;
@@ -291,8 +396,26 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
   let peak = 0;
   let weightFiles: string[] = [];
   let otherFiles: string[] = [];
-  const pool = jobs > 1 ? new WorkerPool(jobs) : undefined;
   const bar = opts.progressBar ? makeBar(plan) : undefined;
+  // Tensors merged straight from their stored bytes: read chunk by chunk from their files by the
+  // WebAssembly kernel (`streamed`), or read whole into reused buffers (`stored`).
+  const stored = new Set<number>();
+  const streamed = new Set<number>();
+  if ([...sources.values()].every(canReadRawInto)) {
+    const round = plan.computeDtype === 'BF16' || plan.computeDtype === 'F16' ? plan.computeDtype : undefined;
+    const wasmOk = wasmKernelsAvailable();
+    for (const t of plan.tensors) {
+      if (t.kind !== 'merge' || t.permutation || !storedInputsFit(plan.method, t)) continue;
+      const located =
+        wasmOk &&
+        wasmDtypesFit(t.inputs.map((i) => ({ dtype: i.dtype, round })), t.dtype) &&
+        t.inputs.every((i) => (sources.get(i.model) as RawIntoSource).locate(i.tensor) !== undefined);
+      (located ? streamed : stored).add(t.index);
+    }
+  }
+  const cost = (t: PlannedTensor) => (streamed.has(t.index) ? streamedCost(t) : stored.has(t.index) ? storedCost(t) : tensorCost(t));
+  const buffers = new BufferPool();
+  let inFlightCost = 0;
 
   try {
     checkInputs(plan, sources);
@@ -305,16 +428,39 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
           { maxShardBytes: shardSize, metadata: { format: 'pt' }, indexMetadata: { amalgam_version: AMALGAM_VERSION } },
         );
         try {
-          const compute = async (t: PlannedTensor): Promise<{ bytes: Uint8Array; readBytes: number }> => {
+          const compute = async (t: PlannedTensor): Promise<{ bytes: Uint8Array; readBytes: number; reuse: (ArrayBuffer | SharedArrayBuffer)[] }> => {
             if (t.kind === 'copy') {
               const i = t.inputs.find((x) => x.model === t.base) ?? t.inputs[0]!;
               const raw = await sources.get(i.model)!.readRaw(i.tensor);
-              return { bytes: raw, readBytes: raw.byteLength };
+              return { bytes: raw, readBytes: raw.byteLength, reuse: [] };
             }
             const inputs: ComputeInput[] = [];
             let readBytes = 0;
+            let outBuffer: ArrayBuffer | SharedArrayBuffer | undefined;
             if (t.permutation) {
               readBytes = await readPermutedInputs(plan, t, sources, inputs);
+            } else if (streamed.has(t.index)) {
+              for (const i of t.inputs) {
+                const loc = (sources.get(i.model) as RawIntoSource).locate(i.tensor)!;
+                readBytes += loc.length;
+                inputs.push({ model: i.model, shape: i.shape, dtype: i.dtype, file: { path: loc.path, offset: loc.offset } });
+              }
+              buffers.trim(Math.max(0, budget - inFlightCost));
+              outBuffer = buffers.takeShared(byteSize(t.dtype, numel(t.shape))!);
+            } else if (stored.has(t.index)) {
+              buffers.trim(Math.max(0, budget - inFlightCost));
+              const read = await Promise.all(
+                t.inputs.map(async (i): Promise<ComputeInput> => {
+                  const bytes = byteSize(i.dtype, numel(i.shape))!;
+                  const raw = new Uint8Array(buffers.take(bytes), 0, bytes);
+                  const src = sources.get(i.model)!;
+                  if (canReadRawInto(src)) await src.readRawInto(i.tensor, raw);
+                  readBytes += bytes;
+                  return { model: i.model, shape: i.shape, raw, dtype: i.dtype };
+                }),
+              );
+              inputs.push(...read);
+              outBuffer = buffers.take(byteSize(t.dtype, numel(t.shape))!);
             } else {
               for (const i of t.inputs) {
                 const data = transferable(await sources.get(i.model)!.readF32(i.tensor));
@@ -339,26 +485,41 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               outDtype: t.dtype,
               outShape: t.shape,
               seed: plan.randomSeed,
+              ...(outBuffer ? { outBuffer } : {}),
             };
-            const result = pool
-              ? await pool.run(task, inputs.map((x) => x.data.buffer as ArrayBuffer))
-              : computeTensor(task);
+            const transfer = inputs.flatMap((x) => (x.raw ?? x.data ? [(x.raw ?? x.data!).buffer as ArrayBuffer] : []));
+            if (outBuffer instanceof ArrayBuffer) transfer.push(outBuffer);
+            const result = pool ? await pool.run(task, transfer) : computeTensor(task);
             if (result.warnings.length) {
               warningsByTensor.set(t.index, result.warnings);
               for (const w of result.warnings) opts.onWarning?.(w);
             }
-            return { bytes: result.bytes, readBytes };
+            const reuse: (ArrayBuffer | SharedArrayBuffer)[] = (result.buffers ?? []).filter((b) => b instanceof ArrayBuffer);
+            if (outBuffer instanceof SharedArrayBuffer) reuse.push(outBuffer);
+            else if (outBuffer) reuse.push(result.bytes.buffer as ArrayBuffer);
+            return { bytes: result.bytes, readBytes, reuse };
           };
 
           await schedule(plan.tensors, {
-            concurrency: jobs + 1,
+            // A tensor stays in flight while it is written: room for the next ones to compute meanwhile.
+            concurrency: 2 * jobs + 1,
             budget,
+            cost,
             signal,
             outDir,
             onPeak: (b) => (peak = Math.max(peak, b)),
             run: async (t) => {
-              const { bytes, readBytes } = await compute(t);
-              await writer.write(t.name, bytes);
+              inFlightCost += cost(t);
+              let result;
+              try {
+                result = await compute(t);
+                await writer.write(t.name, result.bytes);
+              } finally {
+                inFlightCost -= cost(t);
+              }
+              const { bytes, readBytes } = result;
+              for (const b of result.reuse) buffers.give(b);
+              buffers.trim(Math.max(0, budget - inFlightCost));
               bytesRead += readBytes;
               bytesWritten += bytes.byteLength;
               done++;
@@ -449,6 +610,7 @@ async function readPermutedInputs(plan: MergePlan, t: PlannedTensor, sources: Ma
 interface ScheduleOptions {
   concurrency: number;
   budget: number;
+  cost: (t: PlannedTensor) => number;
   signal: AbortSignal | undefined;
   outDir: string;
   onPeak: (bytes: number) => void;
@@ -456,11 +618,14 @@ interface ScheduleOptions {
 }
 
 /**
- * Runs tensors in plan order with at most `concurrency` in flight and their summed cost within
- * `budget` (a tensor that alone exceeds it runs alone). The first error stops admission; it is
- * rethrown once everything in flight has settled.
+ * Runs tensors with at most `concurrency` in flight and their summed cost within `budget` (a
+ * tensor that alone exceeds it runs alone), the costliest first (ties in plan order), so the
+ * largest tensors overlap each other and the small ones fill in at the end. The first error stops
+ * admission; it is rethrown once everything in flight has settled.
  */
-async function schedule(tensors: readonly PlannedTensor[], o: ScheduleOptions): Promise<void> {
+async function schedule(planned: readonly PlannedTensor[], o: ScheduleOptions): Promise<void> {
+  const costs = planned.map((t) => o.cost(t));
+  const tensors = planned.map((t, i) => ({ t, c: costs[i]!, i })).sort((a, b) => b.c - a.c || a.i - b.i).map((x) => x.t);
   let next = 0;
   let inFlight = 0;
   let running = 0;
@@ -476,7 +641,7 @@ async function schedule(tensors: readonly PlannedTensor[], o: ScheduleOptions): 
       if (o.signal?.aborted) failure ??= abortError(o.outDir);
       while (failure === undefined && next < tensors.length && running < o.concurrency) {
         const t = tensors[next]!;
-        const cost = tensorCost(t);
+        const cost = o.cost(t);
         if (running > 0 && inFlight + cost > o.budget) break;
         next++;
         running++;

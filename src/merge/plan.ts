@@ -35,6 +35,7 @@ import {
   type EmbeddingPermutation,
   type EmbeddingRowRef,
 } from './embed.js';
+import { checkAdapterForModel } from '../lora/apply.js';
 import { getMergeMethod, prepareParams } from './registry.js';
 import type { MergeMethod, ResolvedParams } from './types.js';
 
@@ -56,6 +57,8 @@ export interface PlannedModel {
   bytes: number;
   /** Hugging Face id the model's config.json records (`_name_or_path`), when it is an `org/name` id. */
   hubId?: string;
+  /** Absolute path of the PEFT LoRA adapter applied to each tensor as it is read (`model+adapter`). */
+  adapter?: string;
 }
 
 /** One input tensor of an output tensor. */
@@ -243,10 +246,10 @@ function checkUnsupported(config: MergeConfig): void {
     });
   }
   for (const ref of referencedModels(config)) {
-    if (ref.adapter !== undefined) {
-      throw new AmalgamError('E_UNSUPPORTED', `model \`${ref.id}\` applies a LoRA adapter (+${ref.adapter}), which amalgam merge does not support yet`, {
+    if (ref.adapterRevision !== undefined) {
+      throw new AmalgamError('E_UNSUPPORTED', `model \`${ref.id}\` names an adapter revision (@${ref.adapterRevision}); amalgam reads local adapter folders only`, {
         key: ref.id,
-        hint: 'merge the adapter into the model first and reference the merged folder',
+        hint: 'download that revision of the adapter into a folder and reference the folder',
       });
     }
     if (ref.revision !== undefined) {
@@ -278,6 +281,21 @@ async function modelDir(ref: ModelReference, baseDir: string): Promise<string> {
       hint: `relative model paths are resolved against ${baseDir}`,
     });
   }
+  return dir;
+}
+
+/** Resolves and checks (headers only) the adapter of a `model+adapter` reference; returns its path. */
+async function checkModelAdapter(ref: ModelReference, adapter: string, folder: HfModelFolder, baseDir: string): Promise<string> {
+  const dir = isAbsolute(adapter) ? adapter : resolve(baseDir, adapter);
+  try {
+    await stat(dir);
+  } catch {
+    throw new AmalgamError('E_IO', `LoRA adapter folder ${dir} does not exist${looksLikeHubId(adapter) ? '; amalgam does not download adapters' : ''}`, {
+      key: ref.id,
+      hint: looksLikeHubId(adapter) ? `download it first, e.g. \`huggingface-cli download ${adapter} --local-dir <folder>\`, and reference that folder` : `relative adapter paths are resolved against ${baseDir}`,
+    });
+  }
+  await checkAdapterForModel(folder.source, dir, { baseLabel: ref.id });
   return dir;
 }
 
@@ -328,6 +346,7 @@ async function openModels(config: MergeConfig, opts: PlanOptions, warn: (m: stri
       if (typeof nameOrPath === 'string' && looksLikeHubId(nameOrPath)) planned.hubId = nameOrPath;
       for (const w of folder.architecture.warnings) warn(`model ${ref.id}: ${w}`);
       out.push({ ref, folder, arch: folder.architecture, planned });
+      if (ref.adapter !== undefined) planned.adapter = await checkModelAdapter(ref, ref.adapter, folder, baseDir);
     }
   } catch (e) {
     await Promise.all(out.map((m) => m.folder.close().catch(() => {})));

@@ -159,6 +159,11 @@ export function tensorRng(seed: number, tensorName: string): Rng {
   return new Rng((Math.imul(seed >>> 0, 0x9e3779b1) ^ hashString(tensorName)) >>> 0);
 }
 
+/** The warning for a magnitude top-k that keeps no element (⌊density·numel⌋ = 0). */
+export function zeroedWarning(tensorName: string, model: string, density: number, numel: number): string {
+  return `${tensorName}: model ${model}: density ${density} keeps no element of ${numel} (⌊density·numel⌋ = 0); its task vector is zeroed`;
+}
+
 export interface SparsifyOptions {
   method: SparsifyMethod;
   density: number;
@@ -189,9 +194,7 @@ export function sparsify(delta: Float32Array, o: SparsifyOptions): Float32Array 
     case 'magnitude': {
       const k = Math.trunc(o.density * delta.length);
       if (k <= 0) {
-        o.warn?.(
-          `${o.tensorName}: model ${o.model}: density ${o.density} keeps no element of ${delta.length} (⌊density·numel⌋ = 0); its task vector is zeroed`,
-        );
+        o.warn?.(zeroedWarning(o.tensorName, o.model, o.density, delta.length));
         return new Float32Array(delta.length);
       }
       return applyMask(delta, magnitudeMask(delta, o.density)!, o.rescale);

@@ -4,9 +4,12 @@
  * otherwise, so both paths share one code path. Input arrays arrive transferred (not copied) and
  * the encoded result is transferred back.
  */
+import { closeSync, openSync, readSync } from 'node:fs';
 import { isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { AmalgamError, type ErrorCode } from '../errors.js';
-import { bf16ToF32, encodeFromF32, f16ToF32, f32ToBf16, f32ToF16, type DType, type FloatDType } from '../tensor/dtype.js';
+import { ioError } from '../io/source.js';
+import { bf16ToF32, byteSize, decodeToF32, encodeFromF32, f16ToF32, f32ToBf16, f32ToF16, numel, type DType, type FloatDType } from '../tensor/dtype.js';
+import { fusedApplies, fusedMerge, gtaVariantOf, type MemoryValues, type StoredInput, type StoredValues } from './gta.js';
 import { getMergeMethod, mergeTensor } from './registry.js';
 import { tensorRng } from './sparsify.js';
 import type { MergeInput, ResolvedParams } from './types.js';
@@ -14,10 +17,16 @@ import type { MergeInput, ResolvedParams } from './types.js';
 /** Marks worker threads started by the executor. */
 export const WORKER_MARK = 'amalgam-merge-worker';
 
+/** One input: its values as float32 (`data`), or as stored (`raw` bytes of `dtype`). */
 export interface ComputeInput {
   model: string;
   shape: number[];
-  data: Float32Array;
+  data?: Float32Array;
+  /** The stored bytes, at a 4-byte-aligned offset; the task owns their buffer. */
+  raw?: Uint8Array;
+  /** Or where they are: read chunk by chunk while merging (with `dtype`). */
+  file?: { path: string; offset: number };
+  dtype?: DType;
 }
 
 export interface ComputeTask {
@@ -35,13 +44,20 @@ export interface ComputeTask {
   outShape: number[];
   /** Seed of randomized methods: the tensor's stream is derived from it and the tensor name. */
   seed: number | null;
+  /**
+   * Memory for the encoded result (at least its size), used where the method writes it directly:
+   * transferred (ArrayBuffer) or shared (SharedArrayBuffer, then the result is a view of it).
+   */
+  outBuffer?: ArrayBuffer | SharedArrayBuffer;
 }
 
 export interface ComputeResult {
   id: number;
-  /** The merged tensor encoded in `outDtype`, on an ArrayBuffer of its own. */
+  /** The merged tensor encoded in `outDtype`, at offset 0 of an ArrayBuffer of its own. */
   bytes: Uint8Array;
   warnings: string[];
+  /** Buffers of the task (raw inputs, an unused `outBuffer`) handed back for reuse. */
+  buffers?: (ArrayBuffer | SharedArrayBuffer)[];
 }
 
 export interface SerializedError {
@@ -65,13 +81,137 @@ export function roundInPlace(data: Float32Array, dtype: FloatDType): void {
   }
 }
 
+type StoredDType = 'F32' | 'BF16' | 'F16';
+
+function isStoredDType(d: DType | undefined): d is StoredDType {
+  return d === 'F32' || d === 'BF16' || d === 'F16';
+}
+
+/**
+ * Whether a tensor with these settings is merged by the fused GTA kernel straight from its stored
+ * bytes (`fusedMerge`): a GTA variant it computes, float inputs of the output's shape and an
+ * output dtype it writes. The executor then reads the inputs as stored.
+ */
+export function storedInputsFit(
+  methodName: string,
+  t: { params: ResolvedParams; base: string | null; inputs: readonly { shape: readonly number[]; dtype: DType }[]; shape: readonly number[]; dtype: DType },
+): boolean {
+  const v = gtaVariantOf(getMergeMethod(methodName));
+  if (!v || !fusedApplies(v, t.params.global['rescale']) || t.base === null || t.inputs.length < 2) return false;
+  if (!isStoredDType(t.dtype)) return false;
+  const n = numel(t.shape);
+  return t.inputs.every((i) => isStoredDType(i.dtype) && numel(i.shape) === n && i.shape.length === t.shape.length && i.shape.every((d, k) => d === t.shape[k]));
+}
+
+function storedView(raw: Uint8Array, dtype: StoredDType, round: 'BF16' | 'F16' | undefined): StoredValues | undefined {
+  if (dtype === 'F32') {
+    if (raw.byteOffset % 4 !== 0 || raw.byteLength % 4 !== 0) return undefined;
+    return { dtype, data: new Float32Array(raw.buffer, raw.byteOffset, raw.byteLength / 4), ...(round ? { round } : {}) };
+  }
+  if (raw.byteOffset % 2 !== 0 || raw.byteLength % 2 !== 0) return undefined;
+  return { dtype, data: new Uint16Array(raw.buffer, raw.byteOffset, raw.byteLength / 2), ...(round ? { round } : {}) };
+}
+
+function openFd(path: string, fds: Map<string, number>): number {
+  let fd = fds.get(path);
+  if (fd === undefined) {
+    try {
+      fd = openSync(path, 'r');
+    } catch (e) {
+      throw ioError(path, e);
+    }
+    fds.set(path, fd);
+  }
+  return fd;
+}
+
+/**
+ * The fused path for stored inputs (in memory, or read from their files while merging);
+ * undefined (nothing done) where it does not apply.
+ */
+function computeStored(task: ComputeTask, warnings: string[]): Uint8Array | undefined {
+  const fds = new Map<string, number>();
+  try {
+    return computeStoredWith(task, warnings, fds);
+  } finally {
+    for (const fd of fds.values()) closeSync(fd);
+  }
+}
+
+function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<string, number>): Uint8Array | undefined {
+  const method = getMergeMethod(task.method);
+  const v = gtaVariantOf(method);
+  if (!v || !isStoredDType(task.outDtype)) return undefined;
+  const round = task.computeDtype === 'BF16' || task.computeDtype === 'F16' ? task.computeDtype : undefined;
+  const inputs: StoredInput[] = [];
+  for (const i of task.inputs) {
+    if (!isStoredDType(i.dtype)) return undefined;
+    if (i.file) {
+      const fd = openFd(i.file.path, fds);
+      inputs.push({ model: i.model, shape: i.shape, values: { dtype: i.dtype, fd, offset: i.file.offset, length: numel(i.shape), ...(round ? { round } : {}) } });
+      continue;
+    }
+    if (!i.raw || byteSize(i.dtype, numel(i.shape)) !== i.raw.byteLength) return undefined;
+    const values = storedView(i.raw, i.dtype, round);
+    if (!values) return undefined;
+    inputs.push({ model: i.model, shape: i.shape, values });
+  }
+  const n = numel(task.outShape);
+  const outBytes = byteSize(task.outDtype, n)!;
+  const buf = task.outBuffer && task.outBuffer.byteLength >= outBytes ? task.outBuffer : new ArrayBuffer(outBytes);
+  const out: MemoryValues =
+    task.outDtype === 'F32' ? { dtype: 'F32', data: new Float32Array(buf, 0, n) } : { dtype: task.outDtype, data: new Uint16Array(buf, 0, n) };
+  const base = inputs.find((i) => i.model === task.base);
+  if (!base || base.shape.length !== task.outShape.length || base.shape.some((d, k) => d !== task.outShape[k])) return undefined;
+  const ctx = {
+    tensorName: task.tensorName,
+    isEmbed: task.isEmbed,
+    isOptional: task.isOptional,
+    base: task.base,
+    params: task.params,
+    warn: (m: string) => warnings.push(m),
+  };
+  if (!fusedMerge(v, ctx, inputs, out)) return undefined;
+  return new Uint8Array(buf, 0, outBytes);
+}
+
+/** The stored bytes of an input given by its file location. */
+function readLocated(i: ComputeInput, tensorName: string): Uint8Array {
+  const { path, offset } = i.file!;
+  const bytes = new Uint8Array(byteSize(i.dtype!, numel(i.shape)) ?? 0);
+  const fd = openFd(path, new Map());
+  try {
+    let done = 0;
+    while (done < bytes.length) {
+      const r = readSync(fd, bytes, done, bytes.length - done, offset + done);
+      if (r === 0) throw new AmalgamError('E_IO', `file ended while reading a tensor (at byte ${offset + done})`, { file: path, key: tensorName });
+      done += r;
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return bytes;
+}
+
 /** Merges one tensor and encodes it in the output dtype. */
 export function computeTensor(task: ComputeTask): ComputeResult {
   const warnings: string[] = [];
   const method = getMergeMethod(task.method);
+  const buffers: (ArrayBuffer | SharedArrayBuffer)[] = [];
+  for (const i of task.inputs) if (i.raw) buffers.push(i.raw.buffer as ArrayBuffer);
+  if (buffers.length || task.inputs.some((i) => i.file)) {
+    const bytes = computeStored(task, warnings);
+    if (bytes) {
+      if (task.outBuffer && task.outBuffer !== bytes.buffer) buffers.push(task.outBuffer);
+      return { id: task.id, bytes, warnings, buffers };
+    }
+    warnings.length = 0;
+  }
+  if (task.outBuffer) buffers.push(task.outBuffer);
   const inputs: MergeInput[] = task.inputs.map((i) => {
-    if (task.computeDtype === 'BF16' || task.computeDtype === 'F16') roundInPlace(i.data, task.computeDtype);
-    return { model: i.model, data: i.data, shape: i.shape };
+    const data = i.data ?? decodeToF32(i.dtype!, i.raw ?? readLocated(i, task.tensorName), { copy: !i.file, what: task.tensorName });
+    if (task.computeDtype === 'BF16' || task.computeDtype === 'F16') roundInPlace(data, task.computeDtype);
+    return { model: i.model, data, shape: i.shape };
   });
   const ctx: Parameters<typeof mergeTensor>[1] = {
     tensorName: task.tensorName,
@@ -97,7 +237,7 @@ export function computeTensor(task: ComputeTask): ComputeResult {
   }
   let bytes = encodeFromF32(task.outDtype, out.data);
   if (bytes.byteOffset !== 0 || bytes.byteLength !== bytes.buffer.byteLength) bytes = bytes.slice();
-  return { id: task.id, bytes, warnings };
+  return { id: task.id, bytes, warnings, ...(buffers.length ? { buffers } : {}) };
 }
 
 export function serializeError(e: unknown): SerializedError {
@@ -136,6 +276,7 @@ if (!isMainThread && parentPort && (workerData as { mark?: string } | undefined)
     } catch (e) {
       msg = { ok: false, id: task.id, error: serializeError(e) };
     }
-    port.postMessage(msg, msg.ok ? [msg.result.bytes.buffer as ArrayBuffer] : []);
+    const transfer = msg.ok ? [msg.result.bytes.buffer, ...(msg.result.buffers ?? [])].filter((b): b is ArrayBuffer => b instanceof ArrayBuffer) : [];
+    port.postMessage(msg, [...new Set(transfer)]);
   });
 }

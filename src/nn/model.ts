@@ -160,6 +160,9 @@ export class LlamaModel {
   readonly rope: RopeTables;
   private readonly ownsBackend: boolean;
   private acts: Activations | null = null;
+  /** Buffers of the activations and of the backward scratch, from the backend's allocator. */
+  private actsOwned: Float32Array[] = [];
+  private gradOwned: Float32Array[] = [];
   private last: { B: number; T: number; output: ForwardOutput; kv: boolean } | null = null;
 
   constructor(
@@ -387,6 +390,8 @@ export class LlamaModel {
   dispose(): void {
     this.acts = null;
     this.last = null;
+    this.releaseAll(this.actsOwned);
+    this.releaseAll(this.gradOwned);
     if (this.ownsBackend) this.backend.dispose();
   }
 
@@ -437,6 +442,22 @@ export class LlamaModel {
     return reach;
   }
 
+  /** Allocates through the backend (resident buffers where it has them), recording into `owned`. */
+  private allocator(owned: Float32Array[]): (n: number) => Float32Array {
+    const be = this.backend;
+    return (n) => {
+      const a = be.allocate ? be.allocate(n) : new Float32Array(n);
+      owned.push(a);
+      return a;
+    };
+  }
+
+  private releaseAll(owned: Float32Array[]): void {
+    const be = this.backend;
+    if (be.release) for (const a of owned) be.release(a);
+    owned.length = 0;
+  }
+
   private currentLinears(): LinearLayer[] {
     return this.linearSlots().map((s) => s.get());
   }
@@ -450,28 +471,32 @@ export class LlamaModel {
     const R = Math.max(rows, a?.rows ?? 0);
     const P = Math.max(probs, a?.probs ?? 0);
     const d = c.hiddenSize;
+    const keepGrad = a?.grad && a.rows >= R && a.probs >= P ? a.grad : null;
     this.acts = null;
+    this.releaseAll(this.actsOwned);
+    if (!keepGrad) this.releaseAll(this.gradOwned);
+    const alloc = this.allocator(this.actsOwned);
     const acts: Activations = {
       rows: R,
       probs: P,
       linears,
       ids: new Int32Array(R),
-      xs: Array.from({ length: c.numLayers + 1 }, () => new Float32Array(R * d)),
+      xs: Array.from({ length: c.numLayers + 1 }, () => alloc(R * d)),
       blocks: this.blocks.map((blk) => ({
-        n1: createRmsNormCache(R),
-        xn1: new Float32Array(R * d),
-        attn: createAttentionCache(blk.attn, R, P),
-        xMid: new Float32Array(R * d),
-        n2: createRmsNormCache(R),
-        xn2: new Float32Array(R * d),
-        mlp: createMlpCache(blk.mlp, R),
+        n1: createRmsNormCache(R, alloc),
+        xn1: alloc(R * d),
+        attn: createAttentionCache(blk.attn, R, P, alloc),
+        xMid: alloc(R * d),
+        n2: createRmsNormCache(R, alloc),
+        xn2: alloc(R * d),
+        mlp: createMlpCache(blk.mlp, R, alloc),
       })),
-      normF: createRmsNormCache(R),
-      hidden: new Float32Array(R * d),
-      logits: new Float32Array(R * c.vocabSize),
+      normF: createRmsNormCache(R, alloc),
+      hidden: alloc(R * d),
+      logits: alloc(R * c.vocabSize),
       headCache: this.lmHead.createCache(R),
-      tmp: new Float32Array(R * d),
-      grad: a?.grad && a.rows >= R && a.probs >= P ? a.grad : null,
+      tmp: alloc(R * d),
+      grad: keepGrad,
     };
     this.acts = acts;
     return acts;
@@ -480,12 +505,13 @@ export class LlamaModel {
   private createGradScratch(rows: number, probs: number): GradScratch {
     const c = this.config;
     const d = c.hiddenSize;
+    const alloc = this.allocator(this.gradOwned);
     return {
-      dResid: new Float32Array(rows * d),
-      dNormed: new Float32Array(rows * d),
-      dHidden: new Float32Array(rows * d),
-      attn: createAttentionScratch(c, rows, probs),
-      mlp: createMlpScratch(c.intermediateSize, rows),
+      dResid: alloc(rows * d),
+      dNormed: alloc(rows * d),
+      dHidden: alloc(rows * d),
+      attn: createAttentionScratch(c, rows, probs, alloc),
+      mlp: createMlpScratch(c.intermediateSize, rows, alloc),
     };
   }
 }

@@ -223,6 +223,74 @@ export function f32ToF16(src: Float32Array, dst: Uint16Array = new Uint16Array(s
 }
 
 // ---------------------------------------------------------------------------------------------
+// Block conversions on bit patterns, without allocating (for streaming kernels)
+
+/**
+ * Widens `count` BF16 values `src[start .. start + count)` to float32 bit patterns in
+ * `dst[0 .. count)`. `words` is an Int32Array over the same memory as `src` (same byteOffset,
+ * which must then be a multiple of 4), or null; with it and an even `start`, two values are read
+ * per 32-bit load.
+ */
+export function widenBf16Block(src: Uint16Array, words: Int32Array | null, start: number, count: number, dst: Int32Array): void {
+  let j = 0;
+  if (words !== null && (start & 1) === 0) {
+    const pairs = count >>> 1;
+    let w0 = start >>> 1;
+    for (let q = 0; q < pairs; q++, j += 2) {
+      const w = words[w0++]!;
+      dst[j] = w << 16;
+      dst[j + 1] = w & -65536;
+    }
+  }
+  for (; j < count; j++) dst[j] = src[start + j]! << 16;
+}
+
+/** Widens `count` F16 values `src[start .. start + count)` to float32 bit patterns in `dst[0 .. count)`. */
+export function widenF16Block(src: Uint16Array, start: number, count: number, dst: Int32Array): void {
+  const table = f16Table();
+  for (let j = 0; j < count; j++) dst[j] = table[src[start + j]!]! | 0;
+}
+
+/** Narrows float32 bit patterns `src[0 .. count)` to BF16 in `dst[dstStart ..]` (as `f32ToBf16`). */
+export function narrowBf16Block(src: Int32Array, count: number, dst: Uint16Array, dstStart: number): void {
+  for (let j = 0; j < count; j++) {
+    const x = src[j]! >>> 0;
+    dst[dstStart + j] = (x & 0x7fffffff) > 0x7f800000 ? ((x >>> 16) & 0x8000) | 0x7fc0 : (x + 0x7fff + ((x >>> 16) & 1)) >>> 16;
+  }
+}
+
+/** Narrows float32 bit patterns `src[0 .. count)` to F16 in `dst[dstStart ..]` (as `f32ToF16`). */
+export function narrowF16Block(src: Int32Array, count: number, dst: Uint16Array, dstStart: number): void {
+  for (let j = 0; j < count; j++) dst[dstStart + j] = f32BitsToF16Bits(src[j]! >>> 0);
+}
+
+/**
+ * Rounds float32 bit patterns `bits[0 .. count)` in place to the nearest BF16 or F16 value (the
+ * bits of `bf16ToF32(f32ToBf16(x))`, resp. `f16ToF32(f32ToF16(x))`). `from`: the dtype the values
+ * were widened from, when known.
+ */
+export function roundBitsBlock(dtype: 'BF16' | 'F16', bits: Int32Array, count: number, from?: DType): void {
+  if (from === dtype) {
+    // The values are already of that dtype: rounding only canonicalises NaNs (BF16: the quiet
+    // NaN 0x7FC0 with its sign; F16: the quiet bit set, payload kept).
+    for (let j = 0; j < count; j++) {
+      const x = bits[j]!;
+      if ((x & 0x7fffffff) > 0x7f800000) bits[j] = dtype === 'BF16' ? (x & -0x80000000) | 0x7fc00000 : x | 0x400000;
+    }
+    return;
+  }
+  if (dtype === 'BF16') {
+    for (let j = 0; j < count; j++) {
+      const x = bits[j]! >>> 0;
+      bits[j] = ((x & 0x7fffffff) > 0x7f800000 ? ((x >>> 16) & 0x8000) | 0x7fc0 : (x + 0x7fff + ((x >>> 16) & 1)) >>> 16) << 16;
+    }
+  } else {
+    const table = f16Table();
+    for (let j = 0; j < count; j++) bits[j] = table[f32BitsToF16Bits(bits[j]! >>> 0)]! | 0;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Raw bytes <-> float32
 
 /** A Uint8Array whose byteOffset is a multiple of `align` (copying only if needed). */

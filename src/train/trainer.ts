@@ -16,7 +16,7 @@ import { SingleBar } from 'cli-progress';
 import { AmalgamError } from '../errors.js';
 import { classificationLoss } from '../nn/losses.js';
 import { SequenceClassificationHead } from '../nn/heads.js';
-import { attachLora, detachLora, type LoraFreeze } from '../nn/lora.js';
+import { attachLora, detachLora, type LoraFreeze, type LoraOptions } from '../nn/lora.js';
 import type { LlamaModel } from '../nn/model.js';
 import type { Parameter } from '../nn/params.js';
 import { evaluateAccuracy, evaluateNll } from '../nn/eval.js';
@@ -40,6 +40,8 @@ export interface LoraSpec {
   /** Keep A or B frozen (default: train both). */
   freeze?: LoraFreeze;
   rslora?: boolean;
+  /** Overwrites the initial A and B of each module after PEFT's default initialisation. */
+  init?: LoraOptions['init'];
 }
 
 export interface TrainOptions {
@@ -205,7 +207,7 @@ export async function trainModel(model: LlamaModel, data: TrainData, opts: Train
 
   // Trainable parameters.
   if (opts.lora) {
-    attachLora(model, { targets: opts.lora.targets, rank: opts.lora.r, alpha: opts.lora.alpha, rslora: opts.lora.rslora, freeze: opts.lora.freeze, seed });
+    attachLora(model, { targets: opts.lora.targets, rank: opts.lora.r, alpha: opts.lora.alpha, rslora: opts.lora.rslora, freeze: opts.lora.freeze, seed, init: opts.lora.init });
   } else {
     const trainBase = opts.trainBase ?? true;
     model.setTrainable(() => trainBase);

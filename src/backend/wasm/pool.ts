@@ -31,6 +31,14 @@ const D_TOTAL = 16;
 const D_UNIT = 20;
 const D_ARGS = 32;
 
+/** Job control block of the kernel module's jobs (Int32 indices). */
+const J_NEXT = 0;
+const J_COUNT = 1;
+const J_DONE = 2;
+const J_KIND = 3;
+const J_DESC = 4;
+const JOB_INTS = 8;
+
 /** Atomics.load polls before a worker or the caller falls back to Atomics.wait. */
 const SPIN = 20_000;
 
@@ -73,14 +81,36 @@ export interface Split {
 const WORKER_SOURCE = `
 'use strict';
 const { workerData } = require('node:worker_threads');
-const { module, memory, control, desc, scratch } = workerData;
+const { module, kernels, memory, control, jobs, desc, scratch, thread } = workerData;
 const ctl = new Int32Array(control);
+const jc = new Int32Array(jobs);
 const mem32 = new Int32Array(memory.buffer, desc, ${D_ARGS >> 2});
 let work = null;
+let job = null;
 try {
   work = new WebAssembly.Instance(module, { env: { memory } }).exports.gemmWork;
+  if (kernels) job = new WebAssembly.Instance(kernels, { env: { memory } }).exports.job;
 } catch (e) {
+  work = null;
   Atomics.add(ctl, ${FAILED}, 1);
+}
+// Claims and runs kernel jobs published under this tag (none when the tag is another job's).
+function runJobs(tag) {
+  if (job === null) return;
+  for (;;) {
+    const v = Atomics.load(jc, ${J_NEXT});
+    if ((v & 0xffff0000) !== tag) return;
+    const idx = v & 0xffff;
+    const count = Atomics.load(jc, ${J_COUNT});
+    if (idx >= count) return;
+    if (Atomics.compareExchange(jc, ${J_NEXT}, v, v + 1) !== v) continue;
+    try {
+      job(Atomics.load(jc, ${J_KIND}), idx, Atomics.load(jc, ${J_DESC}), thread);
+    } catch (e) {
+      Atomics.add(ctl, ${ERRORS}, 1);
+    }
+    if (Atomics.add(jc, ${J_DONE}, 1) + 1 === count) Atomics.notify(jc, ${J_DONE});
+  }
 }
 Atomics.add(ctl, ${READY}, 1);
 Atomics.notify(ctl, ${READY});
@@ -94,19 +124,23 @@ while (work !== null) {
   }
   seen = s;
   if (Atomics.load(ctl, ${QUIT}) !== 0) break;
+  const tag = ((s % 0x7fff) + 1) << 16;
   try {
-    work(desc, ((s % 0x7fff) + 1) << 16, scratch);
+    work(desc, tag, scratch);
   } catch (e) {
     // A trap inside a claimed chunk: count it as done so that the caller wakes, and report it.
     Atomics.add(ctl, ${ERRORS}, 1);
     Atomics.add(mem32, ${D_DONE >> 2}, 1);
     Atomics.notify(mem32, ${D_DONE >> 2});
   }
+  runJobs(tag);
 }
 `;
 
 type GemmFn = (...args: [...GemmArgs, number]) => void;
 type WorkFn = (desc: number, tag: number, scratch: number) => number;
+/** The kernel module's entry point: job(kind, index, desc, thread). */
+export type JobFn = (kind: number, index: number, desc: number, thread: number) => void;
 
 export class GemmPool {
   /** Threads that can take part in a job, the calling thread included. */
@@ -119,17 +153,23 @@ export class GemmPool {
   private readonly scratch0: number;
   private readonly descI32: Int32Array;
   private readonly descF32: Float32Array;
+  private readonly jc: Int32Array;
+  private readonly job: JobFn | null;
   private seq = 0;
   private disposed = false;
 
   /**
    * Starts `scratch.length − 1` workers (falling back to none if they cannot start).
    * `desc` is the byte address of the work descriptor; `scratch[t]` that of thread t's scratch.
+   * With `kernels` (the module of ./kernels.ts), `runJobs` runs its jobs on the same threads.
    */
-  constructor(module: WasmModule, memory: WasmMemory, desc: number, scratch: number[]) {
+  constructor(module: WasmModule, memory: WasmMemory, desc: number, scratch: number[], kernels: WasmModule | null = null) {
     const instance = new wasm.Instance(module, { env: { memory } });
     this.gemm = instance.exports.gemm as GemmFn;
     this.work = instance.exports.gemmWork as WorkFn;
+    this.job = kernels ? (new wasm.Instance(kernels, { env: { memory } }).exports.job as JobFn) : null;
+    const jobs = new SharedArrayBuffer(JOB_INTS * 4);
+    this.jc = new Int32Array(jobs);
     this.desc = desc;
     this.scratch0 = scratch[0]!;
     this.descI32 = new Int32Array(memory.buffer, desc, 32);
@@ -144,7 +184,7 @@ export class GemmPool {
           const worker = new Worker(WORKER_SOURCE, {
             eval: true,
             execArgv: [],
-            workerData: { module, memory, control, desc, scratch: scratch[w] },
+            workerData: { module, kernels, memory, control, jobs, desc, scratch: scratch[w], thread: w },
           });
           worker.unref();
           // A failing worker shows up as FAILED (at start) or ERRORS (in a job).
@@ -213,6 +253,60 @@ export class GemmPool {
     if (error !== undefined) throw error;
     const errors = Atomics.exchange(this.ctl, ERRORS, 0);
     if (errors > 0) throw new Error(`GemmPool: ${errors} worker(s) failed a GEMM chunk`);
+  }
+
+  /** Whether the kernel module is loaded (runJobs is available). */
+  get hasKernels(): boolean {
+    return this.job !== null;
+  }
+
+  /**
+   * Runs jobs 0 … count−1 (count < 65536) of the kernel operation `kind` described at byte
+   * address `desc`, on the calling thread and the workers; returns when all are done. With
+   * `parallel` false, or no workers, the calling thread runs them all.
+   */
+  runJobs(kind: number, count: number, desc: number, parallel = true): void {
+    this.checkLive();
+    const job = this.job;
+    if (job === null) throw new Error('GemmPool: no kernel module');
+    if (count <= 0) return;
+    if (count >= 0x10000) throw new Error(`GemmPool: ${count} jobs in one call`);
+    if (this.workers.length === 0 || count === 1 || !parallel) {
+      for (let i = 0; i < count; i++) job(kind, i, desc, 0);
+      return;
+    }
+    const jc = this.jc;
+    jc[J_COUNT] = count;
+    jc[J_KIND] = kind;
+    jc[J_DESC] = desc;
+    jc[J_DONE] = 0;
+    this.seq = (this.seq + 1) | 0;
+    const tag = ((this.seq % 0x7fff) + 1) << 16;
+    Atomics.store(jc, J_NEXT, tag);
+    Atomics.store(this.ctl, SEQ, this.seq);
+    Atomics.notify(this.ctl, SEQ);
+    let error: unknown;
+    for (;;) {
+      const v = Atomics.load(jc, J_NEXT);
+      const idx = v & 0xffff;
+      if (idx >= count) break;
+      if (Atomics.compareExchange(jc, J_NEXT, v, v + 1) !== v) continue;
+      try {
+        job(kind, idx, desc, 0);
+      } catch (e) {
+        error ??= e;
+      }
+      Atomics.add(jc, J_DONE, 1);
+    }
+    let done = Atomics.load(jc, J_DONE);
+    for (let i = 0; done < count && i < SPIN; i++) done = Atomics.load(jc, J_DONE);
+    while (done < count) {
+      Atomics.wait(jc, J_DONE, done);
+      done = Atomics.load(jc, J_DONE);
+    }
+    if (error !== undefined) throw error;
+    const errors = Atomics.exchange(this.ctl, ERRORS, 0);
+    if (errors > 0) throw new Error(`GemmPool: ${errors} worker(s) failed a kernel job`);
   }
 
   dispose(): void {

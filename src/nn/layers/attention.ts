@@ -55,6 +55,7 @@ export interface AttentionScratch {
   dk: Float32Array;
   dv: Float32Array;
   dctx: Float32Array;
+  /** Room for the probabilities' gradient [B, H, T, T], for backends that compose attention. */
   dprobs: Float32Array;
 }
 
@@ -67,15 +68,16 @@ export interface PastKeyValues {
   offset: number;
 }
 
-export function createAttentionCache(attn: Attention, maxRows: number, maxProbs: number): AttentionCache {
+/** `alloc` provides the float buffers (e.g. a backend's `allocate`); default plain arrays. */
+export function createAttentionCache(attn: Attention, maxRows: number, maxProbs: number, alloc: (n: number) => Float32Array = (n) => new Float32Array(n)): AttentionCache {
   const qd = attn.numHeads * attn.headDim;
   const kvd = attn.numKvHeads * attn.headDim;
   return {
-    q: new Float32Array(maxRows * qd),
-    k: new Float32Array(maxRows * kvd),
-    v: new Float32Array(maxRows * kvd),
-    probs: new Float32Array(maxProbs),
-    ctx: new Float32Array(maxRows * qd),
+    q: alloc(maxRows * qd),
+    k: alloc(maxRows * kvd),
+    v: alloc(maxRows * kvd),
+    probs: alloc(maxProbs),
+    ctx: alloc(maxRows * qd),
     positions: new Int32Array(maxRows),
     qc: attn.q.createCache(maxRows),
     kc: attn.k.createCache(maxRows),
@@ -87,15 +89,20 @@ export function createAttentionCache(attn: Attention, maxRows: number, maxProbs:
   };
 }
 
-export function createAttentionScratch(attn: Pick<Attention, 'numHeads' | 'numKvHeads' | 'headDim'>, maxRows: number, maxProbs: number): AttentionScratch {
+export function createAttentionScratch(
+  attn: Pick<Attention, 'numHeads' | 'numKvHeads' | 'headDim'>,
+  maxRows: number,
+  maxProbs: number,
+  alloc: (n: number) => Float32Array = (n) => new Float32Array(n),
+): AttentionScratch {
   const qd = attn.numHeads * attn.headDim;
   const kvd = attn.numKvHeads * attn.headDim;
   return {
-    dq: new Float32Array(maxRows * qd),
-    dk: new Float32Array(maxRows * kvd),
-    dv: new Float32Array(maxRows * kvd),
-    dctx: new Float32Array(maxRows * qd),
-    dprobs: new Float32Array(maxProbs),
+    dq: alloc(maxRows * qd),
+    dk: alloc(maxRows * kvd),
+    dv: alloc(maxRows * kvd),
+    dctx: alloc(maxRows * qd),
+    dprobs: alloc(maxProbs),
   };
 }
 
@@ -120,9 +127,7 @@ export function attentionForward(
 ): void {
   const { numHeads: H, numKvHeads: Hkv, headDim: hd } = attn;
   const N = B * T;
-  const qd = H * hd;
   const kvd = Hkv * hd;
-  const g = H / Hkv;
   const offset = past ? past.offset : 0;
   const Tk = offset + T;
   if (past && Tk > past.capacity) {
@@ -158,34 +163,18 @@ export function attentionForward(
     kvStride = past.capacity * kvd;
   }
 
-  // scores[b, h] = q[b, :, h] · k[b, :, h/g]ᵀ / √hd, the g heads of a group in one batched call.
-  const scale = 1 / Math.sqrt(hd);
-  const probs = cache.probs;
-  for (let b = 0; b < B; b++) {
-    for (let j = 0; j < Hkv; j++) {
-      be.matmulBatched(
-        cache.q.subarray(b * T * qd + j * g * hd),
-        keys.subarray(b * kvStride + j * hd),
-        probs.subarray((b * H + j * g) * T * Tk),
-        g, T, hd, Tk,
-        { transB: true, lda: qd, ldb: kvd, strideA: hd, strideB: 0, strideC: T * Tk, alpha: scale },
-      );
-    }
-  }
-  be.softmax(probs, probs, B * H * T, Tk, { causal: true, queryLen: T, queryOffset: offset });
-
-  // ctx[b, :, h] = probs[b, h] · v[b, :, h/g].
-  for (let b = 0; b < B; b++) {
-    for (let j = 0; j < Hkv; j++) {
-      be.matmulBatched(
-        probs.subarray((b * H + j * g) * T * Tk),
-        values.subarray(b * kvStride + j * hd),
-        cache.ctx.subarray(b * T * qd + j * g * hd),
-        g, T, Tk, hd,
-        { ldb: kvd, ldc: qd, strideA: T * Tk, strideB: 0, strideC: hd },
-      );
-    }
-  }
+  // probs[b, h] = causal softmax(q[b, :, h] · k[b, :, h/g]ᵀ / √hd), ctx[b, :, h] = probs[b, h] · v[b, :, h/g].
+  be.attention(cache.q, keys, values, cache.probs, cache.ctx, {
+    batch: B,
+    queries: T,
+    keys: Tk,
+    heads: H,
+    kvHeads: Hkv,
+    headDim: hd,
+    scale: 1 / Math.sqrt(hd),
+    queryOffset: offset,
+    kvStride,
+  });
   attn.o.forward(be, cache.ctx, y, N, cache.oc);
 }
 
@@ -206,61 +195,18 @@ export function attentionBackward(
   const { B, T, Tk } = cache;
   if (Tk !== T) throw new AmalgamError('E_USAGE', 'attention backward needs a forward without a KV cache');
   const N = B * T;
-  const qd = H * hd;
-  const kvd = Hkv * hd;
-  const g = H / Hkv;
-  const scale = 1 / Math.sqrt(hd);
   const { q, k, v, probs } = cache;
 
   attn.o.backward(be, dy, s.dctx, N, cache.oc);
-
-  // dprobs[b, h] = dctx[b, :, h] · v[b, :, h/g]ᵀ;  dv[b, :, j] = Σ_{h in group j} probs[b, h]ᵀ · dctx[b, :, h].
-  for (let b = 0; b < B; b++) {
-    for (let j = 0; j < Hkv; j++) {
-      be.matmulBatched(
-        s.dctx.subarray(b * T * qd + j * g * hd),
-        v.subarray(b * T * kvd + j * hd),
-        s.dprobs.subarray((b * H + j * g) * T * T),
-        g, T, hd, T,
-        { transB: true, lda: qd, ldb: kvd, strideA: hd, strideB: 0, strideC: T * T },
-      );
-      for (let i = 0; i < g; i++) {
-        const h = j * g + i;
-        be.matmul(probs.subarray((b * H + h) * T * T), s.dctx.subarray(b * T * qd + h * hd), s.dv.subarray(b * T * kvd + j * hd), T, T, hd, {
-          transA: true,
-          ldb: qd,
-          ldc: kvd,
-          accumulate: i > 0,
-        });
-      }
-    }
-  }
-
-  // Through the softmax (masked entries have probability 0, so their gradient is 0).
-  be.softmaxBackward(probs, s.dprobs, s.dprobs, B * H * T, T);
-
-  // dq[b, :, h] = dscores[b, h] · k[b, :, h/g] / √hd;  dk[b, :, j] = Σ_h dscores[b, h]ᵀ · q[b, :, h] / √hd.
-  for (let b = 0; b < B; b++) {
-    for (let j = 0; j < Hkv; j++) {
-      be.matmulBatched(
-        s.dprobs.subarray((b * H + j * g) * T * T),
-        k.subarray(b * T * kvd + j * hd),
-        s.dq.subarray(b * T * qd + j * g * hd),
-        g, T, T, hd,
-        { ldb: kvd, ldc: qd, strideA: T * T, strideB: 0, strideC: hd, alpha: scale },
-      );
-      for (let i = 0; i < g; i++) {
-        const h = j * g + i;
-        be.matmul(s.dprobs.subarray((b * H + h) * T * T), q.subarray(b * T * qd + h * hd), s.dk.subarray(b * T * kvd + j * hd), T, T, hd, {
-          transA: true,
-          ldb: qd,
-          ldc: kvd,
-          alpha: scale,
-          accumulate: i > 0,
-        });
-      }
-    }
-  }
+  be.attentionBackward(q, k, v, probs, s.dctx, s.dq, s.dk, s.dv, {
+    batch: B,
+    queries: T,
+    heads: H,
+    kvHeads: Hkv,
+    headDim: hd,
+    scale: 1 / Math.sqrt(hd),
+    workspace: s.dprobs,
+  });
 
   // Undo the rotations, then back through the projections (q, k, v share the input x).
   const positions = cache.positions.subarray(0, N);

@@ -29,12 +29,13 @@ export interface MlpScratch {
   dact: Float32Array;
 }
 
-export function createMlpCache(mlp: Mlp, maxRows: number): MlpCache {
+/** `alloc` provides the buffers (e.g. a backend's `allocate`); default plain arrays. */
+export function createMlpCache(mlp: Mlp, maxRows: number, alloc: (n: number) => Float32Array = (n) => new Float32Array(n)): MlpCache {
   const f = mlp.gate.outFeatures;
   return {
-    gate: new Float32Array(maxRows * f),
-    up: new Float32Array(maxRows * f),
-    act: new Float32Array(maxRows * f),
+    gate: alloc(maxRows * f),
+    up: alloc(maxRows * f),
+    act: alloc(maxRows * f),
     gc: mlp.gate.createCache(maxRows),
     uc: mlp.up.createCache(maxRows),
     dc: mlp.down.createCache(maxRows),
@@ -42,9 +43,9 @@ export function createMlpCache(mlp: Mlp, maxRows: number): MlpCache {
   };
 }
 
-export function createMlpScratch(intermediate: number, maxRows: number): MlpScratch {
+export function createMlpScratch(intermediate: number, maxRows: number, alloc: (n: number) => Float32Array = (n) => new Float32Array(n)): MlpScratch {
   const f = intermediate;
-  return { dgate: new Float32Array(maxRows * f), dup: new Float32Array(maxRows * f), dact: new Float32Array(maxRows * f) };
+  return { dgate: alloc(maxRows * f), dup: alloc(maxRows * f), dact: alloc(maxRows * f) };
 }
 
 export function mlpForward(be: Backend, mlp: Mlp, x: Float32Array, y: Float32Array, rows: number, cache: MlpCache): void {

@@ -9,8 +9,9 @@ export interface RmsNormCache {
   invRms: Float32Array;
 }
 
-export function createRmsNormCache(maxRows: number): RmsNormCache {
-  return { x: new Float32Array(0), invRms: new Float32Array(maxRows) };
+/** `alloc` provides the buffers (e.g. a backend's `allocate`); default plain arrays. */
+export function createRmsNormCache(maxRows: number, alloc: (n: number) => Float32Array = (n) => new Float32Array(n)): RmsNormCache {
+  return { x: new Float32Array(0), invRms: alloc(maxRows) };
 }
 
 export function rmsnormForward(

@@ -1,0 +1,525 @@
+// Kernels of the fused generalized-task-arithmetic merge (src/merge/gta.ts) for WebAssembly SIMD.
+//
+// All pointers are byte addresses in linear memory. A chunk of an input holds values as BF16 (u16
+// bits) or F32. The base chunk is at `pbase` and model k's at `pbase + (k + 1) * stride`; chunks
+// are readable up to a multiple of 4 values (the caller pads). The arithmetic is the same, value
+// for value, as the TypeScript kernel: float32 task vectors, float64 weighting, sums and
+// division, so the results are identical.
+
+// @ts-ignore: decorator
+@inline const ABS: i32 = 0x7fffffff;
+
+/** Bytes per model in the parameter block of `combine`: thr (i32), cut (i32), weight (f64). */
+// @ts-ignore: decorator
+@inline const PARAM_BYTES: usize = 16;
+
+let nanSeen: i32 = 0;
+
+/** 1 when a kernel has read a NaN input value since `clearNaN` (only where asked to track them). */
+export function sawNaN(): i32 {
+  return nanSeen;
+}
+
+export function clearNaN(): void {
+  nanSeen = 0;
+}
+
+// @ts-ignore: decorator
+@inline function load4(p: usize, i: i32, bf16: bool): v128 {
+  if (bf16) return i32x4.shl(v128.load16x4_u(p + (<usize>i << 1)), 16);
+  return v128.load(p + (<usize>i << 2));
+}
+
+/** Running maximum of the magnitudes' bit patterns: above 0x7f800000 means a NaN was seen. */
+// @ts-ignore: decorator
+@inline function maxMagnitude(mx: v128, bits: v128): v128 {
+  return i32x4.max_u(mx, v128.and(bits, i32x4.splat(ABS)));
+}
+
+// @ts-ignore: decorator
+@inline function noteNaN(mx: v128): void {
+  if (v128.any_true(i32x4.gt_u(mx, i32x4.splat(0x7f800000)))) nanSeen = 1;
+}
+
+// @ts-ignore: decorator
+@inline function keysImpl(pb: usize, px: usize, n: i32, pkeys: usize, bf16: bool): void {
+  const abs = i32x4.splat(ABS);
+  for (let i = 0; i < n; i += 4) {
+    const b = load4(pb, i, bf16);
+    const x = load4(px, i, bf16);
+    v128.store(pkeys + (<usize>i << 2), v128.and(f32x4.sub(x, b), abs));
+  }
+}
+
+/** Magnitude keys |x − base| (float32 bits without the sign) of `n` values (a multiple of 4) into `pkeys` (i32). */
+export function tauKeys(pb: usize, px: usize, n: i32, pkeys: usize, bf16: i32): void {
+  if (bf16) keysImpl(pb, px, n, pkeys, true);
+  else keysImpl(pb, px, n, pkeys, false);
+}
+
+/** Lists the lanes set in `mask` of 4 keys (j0 = chunk-relative index of lane 0). */
+// @ts-ignore: decorator
+@inline function appendLanes(keys: v128, mask: i32, index: i32, plist: usize, m: i32, tmp: usize): i32 {
+  v128.store(tmp, keys);
+  while (mask != 0) {
+    const l = ctz(mask);
+    const p = plist + (<usize>m << 3);
+    store<i32>(p, index + l);
+    store<i32>(p, load<i32>(tmp + (<usize>l << 2)), 4);
+    m++;
+    mask &= mask - 1;
+  }
+  return m;
+}
+
+// @ts-ignore: decorator
+@inline function sum4(v: v128): i32 {
+  return i32x4.extract_lane(v, 0) + i32x4.extract_lane(v, 1) + i32x4.extract_lane(v, 2) + i32x4.extract_lane(v, 3);
+}
+
+// @ts-ignore: decorator
+@inline function windowImpl(
+  pbase: usize,
+  stride: usize,
+  models: i32,
+  len: i32,
+  prm: usize,
+  plists: usize,
+  listStride: usize,
+  pcounts: usize,
+  index0: i32,
+  bf16: bool,
+): void {
+  const abs = i32x4.splat(ABS);
+  const full = len & ~3;
+  const tail = len - full;
+  const tmp = pcounts + (<usize>models << 5);
+  for (let k = 0; k < models; k++) {
+    const pp = prm + (<usize>k << 4);
+    const lo = i32x4.splat(load<i32>(pp));
+    const hi = i32x4.splat(load<i32>(pp, 4));
+    const px = pbase + <usize>load<i32>(pp, 8) * stride;
+    const plist = plists + <usize>k * listStride;
+    let nGt = i32x4.splat(0);
+    let nHi = i32x4.splat(0);
+    let nLo = i32x4.splat(0);
+    let mx = i32x4.splat(0);
+    let listed: i32 = 0;
+    for (let i = 0; i < full; i += 4) {
+      const b = load4(pbase, i, bf16);
+      const x = load4(px, i, bf16);
+      mx = maxMagnitude(maxMagnitude(mx, b), x);
+      const key = v128.and(f32x4.sub(x, b), abs);
+      const gtHi = i32x4.gt_s(key, hi);
+      const eqHi = i32x4.eq(key, hi);
+      const eqLo = i32x4.eq(key, lo);
+      nGt = i32x4.sub(nGt, gtHi);
+      nHi = i32x4.sub(nHi, eqHi);
+      nLo = i32x4.sub(nLo, eqLo);
+      const inner = v128.andnot(i32x4.gt_s(key, lo), v128.or(gtHi, eqHi));
+      if (v128.any_true(inner)) listed = appendLanes(key, i32x4.bitmask(inner), index0 + i, plist, listed, tmp);
+    }
+    if (tail) {
+      const valid = i32x4.lt_s(i32x4(0, 1, 2, 3), i32x4.splat(tail));
+      const b = v128.and(load4(pbase, full, bf16), valid);
+      const x = v128.and(load4(px, full, bf16), valid);
+      mx = maxMagnitude(maxMagnitude(mx, b), x);
+      const key = v128.and(f32x4.sub(x, b), abs);
+      const gtHi = v128.and(i32x4.gt_s(key, hi), valid);
+      const eqHi = v128.and(i32x4.eq(key, hi), valid);
+      const eqLo = v128.and(i32x4.eq(key, lo), valid);
+      nGt = i32x4.sub(nGt, gtHi);
+      nHi = i32x4.sub(nHi, eqHi);
+      nLo = i32x4.sub(nLo, eqLo);
+      const inner = v128.and(v128.andnot(i32x4.gt_s(key, lo), v128.or(gtHi, eqHi)), valid);
+      if (v128.any_true(inner)) listed = appendLanes(key, i32x4.bitmask(inner), index0 + full, plist, listed, tmp);
+    }
+    const pc = pcounts + (<usize>k << 5);
+    store<i32>(pc, sum4(nGt));
+    store<i32>(pc, sum4(nHi), 4);
+    store<i32>(pc, sum4(nLo), 8);
+    store<i32>(pc, listed, 12);
+    let m = i32x4.extract_lane(mx, 0);
+    if (<u32>i32x4.extract_lane(mx, 1) > <u32>m) m = i32x4.extract_lane(mx, 1);
+    if (<u32>i32x4.extract_lane(mx, 2) > <u32>m) m = i32x4.extract_lane(mx, 2);
+    if (<u32>i32x4.extract_lane(mx, 3) > <u32>m) m = i32x4.extract_lane(mx, 3);
+    store<i32>(pc, m, 16);
+    if (<u32>m > 0x7f800000) nanSeen = 1;
+  }
+}
+
+/**
+ * The bracket pass of the top-k selection over `len` values of `models` models. Per model, with
+ * (lo, hi, slot) at `prm + 16k` (its chunk at `pbase + slot * stride`): counts the keys above hi,
+ * equal to hi and equal to lo, and lists the pairs (index0 + j, key) of the keys strictly between
+ * lo and hi at `plists + k * listStride`. Writes at `pcounts + 32k`: those three counts, the list
+ * length, and the largest magnitude bit pattern of the inputs read (i32 each). flags: 1 BF16
+ * input (else F32).
+ */
+export function windowPass(
+  pbase: usize,
+  stride: usize,
+  models: i32,
+  len: i32,
+  prm: usize,
+  plists: usize,
+  listStride: usize,
+  pcounts: usize,
+  index0: i32,
+  flags: i32,
+): void {
+  if ((flags & 1) != 0) windowImpl(pbase, stride, models, len, prm, plists, listStride, pcounts, index0, true);
+  else windowImpl(pbase, stride, models, len, prm, plists, listStride, pcounts, index0, false);
+}
+
+/** Adds the upper 16 bits of `len` keys to a histogram of 32768 u32 counts. */
+export function histHigh(pkeys: usize, len: i32, phist: usize): void {
+  for (let i = 0; i < len; i++) {
+    const h = phist + (<usize>(load<u32>(pkeys + (<usize>i << 2)) >>> 16) << 2);
+    store<u32>(h, load<u32>(h) + 1);
+  }
+}
+
+/**
+ * For the keys whose upper 16 bits are `bucket`: adds their lower 16 bits to a histogram of 65536
+ * u32 counts and lists the pairs (index0 + j, key) at `plist`. Returns how many were listed.
+ */
+export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, index0: i32, plist: usize): i32 {
+  let m: i32 = 0;
+  for (let i = 0; i < len; i++) {
+    const key = load<u32>(pkeys + (<usize>i << 2));
+    if (key >>> 16 == bucket) {
+      const h = plow + (<usize>(key & 0xffff) << 2);
+      store<u32>(h, load<u32>(h) + 1);
+      const p = plist + (<usize>m << 3);
+      store<i32>(p, index0 + i);
+      store<u32>(p, key, 4);
+      m++;
+    }
+  }
+  return m;
+}
+
+// @ts-ignore: decorator
+@inline function hiToLo(v: v128): v128 {
+  return i8x16.shuffle(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+
+// @ts-ignore: decorator
+@inline function combineImpl(
+  pbase: usize,
+  stride: usize,
+  m: i32,
+  n: i32,
+  prm: usize,
+  flags: i32,
+  lambda: f64,
+  scalarDiv: f64,
+  pout: usize,
+  pscratch: usize,
+  bf16: bool,
+  outBf16: bool,
+  ties: bool,
+): void {
+  const consensus = (flags & 1) != 0;
+  const normalize = (flags & 2) != 0;
+  const scale = (flags & 4) != 0;
+  const track = (flags & 32) != 0;
+  const abs = i32x4.splat(ABS);
+  const one32 = f32x4.splat(1.0);
+  const one = f64x2.splat(1.0);
+  const minusOne = f64x2.splat(-1.0);
+  const zero = f64x2.splat(0.0);
+  const vlambda = f64x2.splat(lambda);
+  const vdiv = f64x2.splat(scalarDiv);
+  let mx = i32x4.splat(0);
+  let idx = i32x4(0, 1, 2, 3);
+  const four = i32x4.splat(4);
+  for (let i = 0; i < n; i += 4) {
+    const b = load4(pbase, i, bf16);
+    if (track) mx = maxMagnitude(mx, b);
+    let tLo = zero;
+    let tHi = zero;
+    let px = pbase;
+    let pp = prm;
+    let ps = pscratch;
+    for (let k = 0; k < m; k++) {
+      px += stride;
+      const x = load4(px, i, bf16);
+      if (track) mx = maxMagnitude(mx, x);
+      const tau = f32x4.sub(x, b);
+      const key = v128.and(tau, abs);
+      const thr = v128.load32_splat(pp);
+      let keep = i32x4.gt_s(key, thr);
+      if (ties) keep = v128.or(keep, v128.and(i32x4.eq(key, thr), i32x4.lt_s(idx, v128.load32_splat(pp, 4))));
+      const kept = f32x4.mul(tau, v128.and(keep, one32));
+      const w = v128.load64_splat(pp, 8);
+      const vLo = f64x2.promote_low_f32x4(f32x4.demote_f64x2_zero(f64x2.mul(w, f64x2.promote_low_f32x4(kept))));
+      const vHi = f64x2.promote_low_f32x4(f32x4.demote_f64x2_zero(f64x2.mul(w, f64x2.promote_low_f32x4(hiToLo(kept)))));
+      v128.store(ps, vLo);
+      v128.store(ps, vHi, 16);
+      tLo = f64x2.add(tLo, vLo);
+      tHi = f64x2.add(tHi, vHi);
+      pp += PARAM_BYTES;
+      ps += 32;
+    }
+    let valLo: v128;
+    let valHi: v128;
+    if (consensus) {
+      const sLo = v128.bitselect(one, minusOne, f64x2.ge(tLo, zero));
+      const sHi = v128.bitselect(one, minusOne, f64x2.ge(tHi, zero));
+      let mLo = zero;
+      let mHi = zero;
+      let dLo = zero;
+      let dHi = zero;
+      pp = prm;
+      ps = pscratch;
+      for (let k = 0; k < m; k++) {
+        const w = v128.load64_splat(pp, 8);
+        const vLo = v128.load(ps);
+        const vHi = v128.load(ps, 16);
+        const aLo = v128.and(f64x2.gt(f64x2.mul(vLo, sLo), zero), one);
+        const aHi = v128.and(f64x2.gt(f64x2.mul(vHi, sHi), zero), one);
+        mLo = f64x2.add(mLo, f64x2.mul(vLo, aLo));
+        mHi = f64x2.add(mHi, f64x2.mul(vHi, aHi));
+        dLo = f64x2.add(dLo, f64x2.mul(w, aLo));
+        dHi = f64x2.add(dHi, f64x2.mul(w, aHi));
+        pp += PARAM_BYTES;
+        ps += 32;
+      }
+      valLo = mLo;
+      valHi = mHi;
+      if (normalize) {
+        valLo = f64x2.div(valLo, v128.bitselect(one, dLo, f64x2.eq(dLo, zero)));
+        valHi = f64x2.div(valHi, v128.bitselect(one, dHi, f64x2.eq(dHi, zero)));
+      }
+    } else {
+      valLo = tLo;
+      valHi = tHi;
+      if (normalize) {
+        valLo = f64x2.div(valLo, vdiv);
+        valHi = f64x2.div(valHi, vdiv);
+      }
+    }
+    if (scale) {
+      valLo = f64x2.mul(valLo, vlambda);
+      valHi = f64x2.mul(valHi, vlambda);
+    }
+    const oLo = f32x4.demote_f64x2_zero(f64x2.add(f64x2.promote_low_f32x4(b), valLo));
+    const oHi = f32x4.demote_f64x2_zero(f64x2.add(f64x2.promote_low_f32x4(hiToLo(b)), valHi));
+    const o = i8x16.shuffle(oLo, oHi, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    if (outBf16) {
+      const isNan = i32x4.gt_u(v128.and(o, abs), i32x4.splat(0x7f800000));
+      const hi = i32x4.shr_u(o, 16);
+      const rounded = i32x4.shr_u(i32x4.add(i32x4.add(o, i32x4.splat(0x7fff)), v128.and(hi, i32x4.splat(1))), 16);
+      const quiet = v128.or(v128.and(hi, i32x4.splat(0x8000)), i32x4.splat(0x7fc0));
+      const h = v128.bitselect(quiet, rounded, isNan);
+      v128.store64_lane(pout + (<usize>i << 1), i16x8.narrow_i32x4_u(h, h), 0);
+    } else {
+      v128.store(pout + (<usize>i << 2), o);
+    }
+    if (ties) idx = i32x4.add(idx, four);
+  }
+  if (track) noteNaN(mx);
+}
+
+// The combine for at most 4 models, without the ties rule, for chunks whose values are known to
+// give finite task vectors and weighted values (checked by the caller from the magnitudes the
+// bracket pass saw): then tau · keep and v · agree equal masking with the keep / agree mask (a
+// zero of either sign adds nothing to a sum that starts at +0), and v · s > 0 equals
+// (v with its sign flipped where s = −1) > 0.
+
+// @ts-ignore: decorator
+@inline function keptOf(px: usize, i: i32, b: v128, thr: v128, bf16: bool): v128 {
+  const tau = f32x4.sub(load4(px, i, bf16), b);
+  return v128.and(tau, i32x4.gt_s(v128.and(tau, i32x4.splat(ABS)), thr));
+}
+
+// @ts-ignore: decorator
+@inline function weighted(kept: v128, w: v128): v128 {
+  return f64x2.promote_low_f32x4(f32x4.demote_f64x2_zero(f64x2.mul(w, f64x2.promote_low_f32x4(kept))));
+}
+
+// @ts-ignore: decorator
+@inline function agreeMask(v: v128, flip: v128): v128 {
+  return f64x2.gt(v128.xor(v, flip), f64x2.splat(0.0));
+}
+
+// @ts-ignore: decorator
+@inline function fastImpl(
+  M: i32,
+  pbase: usize,
+  stride: usize,
+  n: i32,
+  prm: usize,
+  flags: i32,
+  lambda: f64,
+  pout: usize,
+  bf16: bool,
+  outBf16: bool,
+): void {
+  const normalize = (flags & 2) != 0;
+  const scale = (flags & 4) != 0;
+  const one = f64x2.splat(1.0);
+  const zero = f64x2.splat(0.0);
+  const signBit = i64x2.splat(<i64>0x8000000000000000);
+  const vlambda = f64x2.splat(lambda);
+  const t0 = v128.load32_splat(prm);
+  const w0 = v128.load64_splat(prm, 8);
+  const t1 = M > 1 ? v128.load32_splat(prm, 16) : t0;
+  const w1 = M > 1 ? v128.load64_splat(prm, 24) : w0;
+  const t2 = M > 2 ? v128.load32_splat(prm, 32) : t0;
+  const w2 = M > 2 ? v128.load64_splat(prm, 40) : w0;
+  const t3 = M > 3 ? v128.load32_splat(prm, 48) : t0;
+  const w3 = M > 3 ? v128.load64_splat(prm, 56) : w0;
+  const p0 = pbase + stride;
+  const p1 = p0 + stride;
+  const p2 = p1 + stride;
+  const p3 = p2 + stride;
+  for (let i = 0; i < n; i += 4) {
+    const b = load4(pbase, i, bf16);
+    const k0 = keptOf(p0, i, b, t0, bf16);
+    const v0l = weighted(k0, w0);
+    const v0h = weighted(hiToLo(k0), w0);
+    let tl = f64x2.add(zero, v0l);
+    let th = f64x2.add(zero, v0h);
+    let v1l = zero, v1h = zero, v2l = zero, v2h = zero, v3l = zero, v3h = zero;
+    if (M > 1) {
+      const k1 = keptOf(p1, i, b, t1, bf16);
+      v1l = weighted(k1, w1);
+      v1h = weighted(hiToLo(k1), w1);
+      tl = f64x2.add(tl, v1l);
+      th = f64x2.add(th, v1h);
+    }
+    if (M > 2) {
+      const k2 = keptOf(p2, i, b, t2, bf16);
+      v2l = weighted(k2, w2);
+      v2h = weighted(hiToLo(k2), w2);
+      tl = f64x2.add(tl, v2l);
+      th = f64x2.add(th, v2h);
+    }
+    if (M > 3) {
+      const k3 = keptOf(p3, i, b, t3, bf16);
+      v3l = weighted(k3, w3);
+      v3h = weighted(hiToLo(k3), w3);
+      tl = f64x2.add(tl, v3l);
+      th = f64x2.add(th, v3h);
+    }
+    // The elected sign is − where the total is not ≥ 0.
+    const fl = v128.andnot(signBit, f64x2.ge(tl, zero));
+    const fh = v128.andnot(signBit, f64x2.ge(th, zero));
+    let a = agreeMask(v0l, fl);
+    let ml = f64x2.add(zero, v128.and(v0l, a));
+    let dl = f64x2.add(zero, v128.and(w0, a));
+    a = agreeMask(v0h, fh);
+    let mh = f64x2.add(zero, v128.and(v0h, a));
+    let dh = f64x2.add(zero, v128.and(w0, a));
+    if (M > 1) {
+      a = agreeMask(v1l, fl);
+      ml = f64x2.add(ml, v128.and(v1l, a));
+      dl = f64x2.add(dl, v128.and(w1, a));
+      a = agreeMask(v1h, fh);
+      mh = f64x2.add(mh, v128.and(v1h, a));
+      dh = f64x2.add(dh, v128.and(w1, a));
+    }
+    if (M > 2) {
+      a = agreeMask(v2l, fl);
+      ml = f64x2.add(ml, v128.and(v2l, a));
+      dl = f64x2.add(dl, v128.and(w2, a));
+      a = agreeMask(v2h, fh);
+      mh = f64x2.add(mh, v128.and(v2h, a));
+      dh = f64x2.add(dh, v128.and(w2, a));
+    }
+    if (M > 3) {
+      a = agreeMask(v3l, fl);
+      ml = f64x2.add(ml, v128.and(v3l, a));
+      dl = f64x2.add(dl, v128.and(w3, a));
+      a = agreeMask(v3h, fh);
+      mh = f64x2.add(mh, v128.and(v3h, a));
+      dh = f64x2.add(dh, v128.and(w3, a));
+    }
+    if (normalize) {
+      ml = f64x2.div(ml, v128.bitselect(one, dl, f64x2.eq(dl, zero)));
+      mh = f64x2.div(mh, v128.bitselect(one, dh, f64x2.eq(dh, zero)));
+    }
+    if (scale) {
+      ml = f64x2.mul(ml, vlambda);
+      mh = f64x2.mul(mh, vlambda);
+    }
+    const oLo = f32x4.demote_f64x2_zero(f64x2.add(f64x2.promote_low_f32x4(b), ml));
+    const oHi = f32x4.demote_f64x2_zero(f64x2.add(f64x2.promote_low_f32x4(hiToLo(b)), mh));
+    const o = i8x16.shuffle(oLo, oHi, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    if (outBf16) {
+      // Finite inputs give no NaN result (m / d with d ≠ 0, plus the base), so no NaN case.
+      const h = i32x4.shr_u(i32x4.add(i32x4.add(o, i32x4.splat(0x7fff)), v128.and(i32x4.shr_u(o, 16), i32x4.splat(1))), 16);
+      v128.store64_lane(pout + (<usize>i << 1), i16x8.narrow_i32x4_u(h, h), 0);
+    } else {
+      v128.store(pout + (<usize>i << 2), o);
+    }
+  }
+}
+
+// @ts-ignore: decorator
+@inline function fastDtypes(M: i32, pbase: usize, stride: usize, n: i32, prm: usize, flags: i32, lambda: f64, pout: usize): void {
+  const bf16 = (flags & 8) != 0;
+  const outBf16 = (flags & 16) != 0;
+  if (bf16) {
+    if (outBf16) fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, true, true);
+    else fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, true, false);
+  } else {
+    if (outBf16) fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, false, true);
+    else fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, false, false);
+  }
+}
+
+/**
+ * `combine` with sign consensus for 1 to 4 models, no ties rule and values known to stay finite
+ * (see above); same parameters and flags (1, 32 and 64 are ignored).
+ */
+export function combineFinite(pbase: usize, stride: usize, m: i32, n: i32, prm: usize, flags: i32, lambda: f64, pout: usize): void {
+  if (m == 1) fastDtypes(1, pbase, stride, n, prm, flags, lambda, pout);
+  else if (m == 2) fastDtypes(2, pbase, stride, n, prm, flags, lambda, pout);
+  else if (m == 3) fastDtypes(3, pbase, stride, n, prm, flags, lambda, pout);
+  else fastDtypes(4, pbase, stride, n, prm, flags, lambda, pout);
+}
+
+/**
+ * The weighted, sparsified combine of `m` models onto the base for `n` values (a multiple of 4).
+ * Per model, `prm + 16k` holds the keep rule (thr: keys above it are kept; cut: with flag 64, a
+ * key equal to thr is kept below this chunk-relative index) and the weight (f64 at +8). flags:
+ * 1 sign consensus, 2 normalize, 4 scale by lambda, 8 BF16 input (else F32), 16 BF16 output (else
+ * F32), 32 note NaN inputs, 64 apply the ties rule. `pscratch` holds 32 bytes per model.
+ */
+export function combine(
+  pbase: usize,
+  stride: usize,
+  m: i32,
+  n: i32,
+  prm: usize,
+  flags: i32,
+  lambda: f64,
+  scalarDiv: f64,
+  pout: usize,
+  pscratch: usize,
+): void {
+  const bf16 = (flags & 8) != 0;
+  const outBf16 = (flags & 16) != 0;
+  const ties = (flags & 64) != 0;
+  if (ties) {
+    if (bf16) {
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, true);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, true);
+    } else {
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, true);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, true);
+    }
+  } else {
+    if (bf16) {
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, false);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, false);
+    } else {
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, false);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, false);
+    }
+  }
+}

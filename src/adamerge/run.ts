@@ -1,0 +1,85 @@
+/**
+ * `runAdaMerge`: the whole AdaMerging job of a recipe: load the base and the models, tokenise the
+ * unlabelled data and the test data, train the coefficients, score, and write the merge.
+ */
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { stringify as stringifyYaml } from 'yaml';
+import { scoreDomains, type DomainScores } from '../evolve/fitness.js';
+import { loadEvalSets } from '../evolve/evolve.js';
+import { loadMergeModels } from '../evolve/models.js';
+import { saveModelFolder } from '../train/checkpoint.js';
+import { AdaMergeModel, trainAdaMerge, type AdaMergeStepInfo, type AdaMergeTrainResult } from './adamerge.js';
+import type { AdaMergeRecipe } from './recipe.js';
+
+export interface RunAdaMergeOptions {
+  /** Write the merge here (a Hugging Face folder plus adamerge.json). */
+  outDir?: string;
+  overwrite?: boolean;
+  /** The recipe text, copied into the output as adamerge_config.yml. */
+  recipeYaml?: string;
+  /** Override the recipe's steps. */
+  steps?: number;
+  onStep?: (s: AdaMergeStepInfo) => void;
+  log?: (line: string) => void;
+}
+
+export interface RunAdaMergeResult extends AdaMergeTrainResult {
+  models: string[];
+  /** Names of the unlabelled data sources, in order. */
+  data: string[];
+  granularity: string;
+  /** Mean coefficient of each model, and every coefficient. */
+  meanLambda: number[];
+  lambdas: { row: string; model: string; lambda: number }[];
+  /** Test scores at the initial coefficients and after training (when the recipe has test data). */
+  test?: { start: DomainScores; end: DomainScores };
+  outDir?: string;
+}
+
+export async function runAdaMerge(recipe: AdaMergeRecipe, opts: RunAdaMergeOptions = {}): Promise<RunAdaMergeResult> {
+  const log = opts.log ?? (() => {});
+  const loaded = await loadMergeModels(
+    recipe.baseModel,
+    recipe.models.map((m) => m.path),
+    recipe.models.map((m) => m.name),
+  );
+  try {
+    const tokDir = recipe.models[0]!.path;
+    const data = await loadEvalSets(recipe.data, tokDir);
+    const test = recipe.test.length ? await loadEvalSets(recipe.test, tokDir) : [];
+    log(`unlabelled data: ${data.map((d) => `${d.name} (${d.sequences.length})`).join(', ')}`);
+    const am = new AdaMergeModel(loaded.base!, loaded.models, { granularity: recipe.granularity, init: recipe.init, clamp: recipe.clamp, backend: loaded.backend }, loaded.ids);
+    try {
+      let start: DomainScores | undefined;
+      if (test.length) {
+        am.materialise();
+        start = scoreDomains(am.model, test, { batchSize: recipe.evalBatchSize });
+      }
+      const r = await trainAdaMerge(am, data, {
+        steps: opts.steps ?? recipe.train.steps,
+        batchSize: recipe.train.batchSize,
+        lr: recipe.train.lr,
+        betas: recipe.train.betas,
+        eps: recipe.train.eps,
+        seed: recipe.train.seed,
+        maxLength: recipe.train.maxLength,
+        onStep: opts.onStep,
+      });
+      am.materialise();
+      const result: RunAdaMergeResult = { ...r, models: [...loaded.ids], data: data.map((d) => d.name), granularity: am.granularity, meanLambda: am.meanPerModel(), lambdas: am.table() };
+      if (start) result.test = { start, end: scoreDomains(am.model, test, { batchSize: recipe.evalBatchSize }) };
+      if (opts.outDir) {
+        am.model.setTrainable(() => false);
+        result.outDir = await saveModelFolder(am.model, tokDir, opts.outDir, { dtype: recipe.output.dtype, overwrite: opts.overwrite });
+        await writeFile(join(result.outDir, 'adamerge.json'), JSON.stringify(result, null, 2) + '\n');
+        await writeFile(join(result.outDir, 'adamerge_config.yml'), opts.recipeYaml ?? stringifyYaml(recipe));
+      }
+      return result;
+    } finally {
+      am.dispose();
+    }
+  } finally {
+    loaded.dispose();
+  }
+}
