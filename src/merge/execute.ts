@@ -280,8 +280,14 @@ class BufferPool {
     return new ArrayBuffer(bytes);
   }
 
+  /**
+   * A SharedArrayBuffer of at least `bytes`: the smallest idle one that is large enough (it is
+   * already paged in, and using it adds no memory), else a new one.
+   */
   takeShared(bytes: number): SharedArrayBuffer {
-    return (this.reuse(bytes, true) as SharedArrayBuffer | undefined) ?? new SharedArrayBuffer(bytes);
+    let best: SharedArrayBuffer | undefined;
+    for (const b of this.order) if (b instanceof SharedArrayBuffer && b.byteLength >= bytes && (!best || b.byteLength < best.byteLength)) best = b;
+    return (best && (this.reuse(best.byteLength, true) as SharedArrayBuffer)) || new SharedArrayBuffer(bytes);
   }
 
   private reuse(bytes: number, shared: boolean): ArrayBuffer | SharedArrayBuffer | undefined {

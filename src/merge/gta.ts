@@ -695,10 +695,10 @@ function windowOf(keys: Int32Array, len: number, lo: number, hi: number, index0:
   let atLo = 0;
   for (let j = 0; j < len; j++) {
     const k = keys[j]!;
-    if (k > hi) above++;
-    else if (k === hi) atHi++;
-    if (k === lo) atLo++;
-    else if (k > lo && k < hi) list.push(index0 + j, k);
+    above += +(k > hi);
+    atHi += +(k === hi);
+    atLo += +(k === lo);
+    if (k > lo && k < hi) list.push(index0 + j, k);
   }
   return { above, atHi, atLo };
 }
@@ -736,7 +736,9 @@ function weightedKept(
   for (let j = 0; j < len; j++) {
     tau[j] = x[j]! - base[j]!;
     const key = bits[j]! & 0x7fffffff;
-    const keep = key > thr || (key === thr && j < cut) ? 1 : 0;
+    // key > thr without a branch (both within [-1, 2^31)); ties are rare, so their branch is predictable.
+    let keep = (thr - key) >>> 31;
+    if (key === thr && j < cut) keep = 1;
     const val = Math.fround(w * (tau[j]! * keep));
     v[j] = val;
     total[j] += val;
@@ -744,7 +746,8 @@ function weightedKept(
 }
 
 function electSigns(total: Float64Array, len: number): void {
-  for (let j = 0; j < len; j++) total[j] = total[j]! >= 0 ? 1 : -1;
+  // +1 where total ≥ 0, else −1 (NaN included).
+  for (let j = 0; j < len; j++) total[j] = 2 * +(total[j]! >= 0) - 1;
 }
 
 function agreeing(v: Float32Array, sign: Float64Array, mixed: Float64Array, divisor: Float64Array, w: number, len: number): void {
@@ -759,7 +762,8 @@ function agreeing(v: Float32Array, sign: Float64Array, mixed: Float64Array, divi
 function finishConsensus(base: Float32Array, mixed: Float64Array, divisor: Float64Array, out: Float32Array, normalize: boolean, lambda: number, len: number): void {
   for (let j = 0; j < len; j++) {
     let val = mixed[j]!;
-    if (normalize) val /= divisor[j] === 0 ? 1 : divisor[j]!;
+    // A divisor of ±0 becomes 1: d + (d === 0) is d elsewhere.
+    if (normalize) val /= divisor[j]! + +(divisor[j] === 0);
     if (lambda !== 1) val *= lambda;
     out[j] = base[j]! + val;
   }
