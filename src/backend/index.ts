@@ -4,6 +4,7 @@ import { ReferenceBackend } from './reference.js';
 import { WasmBackend, type WasmBackendOptions } from './wasm/backend.js';
 
 export type {
+  AttentionOptions,
   Backend,
   BatchedMatmulOptions,
   CrossEntropyOptions,

@@ -1,3 +1,4 @@
+import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { AmalgamError } from '../errors.js';
 import { readOsrmRecipe } from '../osrm/recipe.js';
@@ -66,7 +67,7 @@ export function registerOsrm(program: Command): void {
       'Stream each task\'s samples through the base model, accumulate the targeted layers\' input statistics, and write one initial PEFT adapter per task (A from the other tasks\' statistics, B = 0) under --out/<task>.',
     )
     .argument('<model>', 'Hugging Face model folder, or a GGUF / llama2.c file (converted into --out/base-model)')
-    .requiredOption('--task <name=file>', 'a task and its data (.txt, .jsonl or .tsv); repeat for every task; ",max_length=N,truncation=left" sets them per task', (v: string, prev: string[]) => [...prev, v], [] as string[])
+    .requiredOption('--task <name=file>', 'a task and its data (.txt, .jsonl or .tsv); repeat for every task; ",max_length=N,truncation=left" sets them per task', (v: string, prev: string[] | undefined) => [...(prev ?? []), v])
     .requiredOption('--out <dir>', 'output folder')
     .option('--mode <mode>', 'covariance (r smallest-eigenvalue eigenvectors of the other tasks\' second moments) or mean (null space of their mean features)', 'covariance')
     .option('--lora <spec>', 'r=8,alpha=16,targets=q_proj,v_proj (the default); rslora=true')
@@ -76,8 +77,8 @@ export function registerOsrm(program: Command): void {
     .option('--center', 'covariance mode: centre each task\'s features first')
     .option('--divisor <d>', 'mean mode: divide the sums by n or n-1 (the reference code)', 'n')
     .option('--seed <n>', 'seed of the basis choice inside a degenerate subspace', (v) => parseInteger(v, '--seed', 0), 0)
-    .option('--max-length <n>', 'tokens per sample, BOS included (default for every task)', (v) => parseInteger(v, '--max-length', 2), 64)
-    .option('--truncation-side <side>', 'right (keep the start) or left (keep BOS + the end), default for every task', 'right')
+    .option('--max-length <n>', 'tokens per sample, BOS included, where a --task does not set max_length', (v) => parseInteger(v, '--max-length', 2), 64)
+    .option('--truncation-side <side>', 'right (keep the start) or left (keep BOS + the end), where a --task does not set truncation', 'right')
     .option('--text-field <fields>', '.jsonl: text field(s), comma-separated')
     .option('--batch-size <n>', 'sequences per forward', (v) => parseInteger(v, '--batch-size', 1), 16)
     .option('--overwrite', 'replace existing adapter folders')
@@ -134,7 +135,7 @@ export function registerOsrm(program: Command): void {
     .option('-q, --quiet', 'no progress lines')
     .action(async (path: string, o: RunCliOptions) => {
       const recipe = await readOsrmRecipe(path);
-      if (o.out !== undefined) recipe.output.dir = o.out;
+      if (o.out !== undefined) recipe.output.dir = resolve(o.out);
       if (o.overwrite) recipe.output.overwrite = true;
       if (o.steps !== undefined) recipe.train.steps = o.steps;
       if (o.seeds !== undefined) recipe.seeds = parseList(o.seeds).map((s) => parseInteger(s, '--seeds', 0));

@@ -58,7 +58,7 @@ const trainSchema = z.strictObject({
   schedule: z.enum(['cosine', 'linear', 'constant']).default('linear'),
   warmup: z.number().nonnegative().default(0.06),
   min_lr_ratio: z.number().min(0).max(1).default(0),
-  clip: z.number().nonnegative().default(1),
+  clip: z.number().nonnegative().default(0),
   weight_decay: z.number().nonnegative().default(0),
 });
 

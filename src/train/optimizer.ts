@@ -84,24 +84,15 @@ export class AdamW {
     const b1 = this.beta1;
     const b2 = this.beta2;
     const bc1 = 1 - Math.pow(b1, t);
-    const bc2Sqrt = Math.sqrt(1 - Math.pow(b2, t));
+    const invBc2Sqrt = 1 / Math.sqrt(1 - Math.pow(b2, t));
     const stepSize = lr / bc1;
     const eps = this.eps;
+    const c1 = 1 - b1;
+    const c2 = 1 - b2;
     for (let k = 0; k < this.params.length; k++) {
       const p = this.params[k]!;
       const { m, v } = this.state[k]!;
-      const data = p.data;
-      const grad = p.grad;
-      const decay = p.decay === false ? 1 : 1 - lr * this.weightDecay;
-      const n = data.length;
-      for (let i = 0; i < n; i++) {
-        const g = grad[i]!;
-        const mi = Math.fround(b1 * m[i]! + (1 - b1) * g);
-        const vi = Math.fround(b2 * v[i]! + (1 - b2) * g * g);
-        m[i] = mi;
-        v[i] = vi;
-        data[i] = data[i]! * decay - (stepSize * mi) / (Math.sqrt(vi) / bc2Sqrt + eps);
-      }
+      adamwUpdate(p.data, p.grad, m, v, p.decay === false ? 1 : 1 - lr * this.weightDecay, b1, c1, b2, c2, stepSize, invBc2Sqrt, eps);
     }
   }
 
@@ -115,6 +106,32 @@ export class AdamW {
     const s = this.state[index];
     if (!s) throw new AmalgamError('E_USAGE', `no parameter #${index}`);
     return s;
+  }
+}
+
+/** One AdamW update of a tensor (one division per element: √v̂ is √v times 1/√(1 − β2ᵗ)). */
+function adamwUpdate(
+  data: Float32Array,
+  grad: Float32Array,
+  m: Float32Array,
+  v: Float32Array,
+  decay: number,
+  b1: number,
+  c1: number,
+  b2: number,
+  c2: number,
+  stepSize: number,
+  invBc2Sqrt: number,
+  eps: number,
+): void {
+  const n = data.length;
+  for (let i = 0; i < n; i++) {
+    const g = grad[i]!;
+    const mi = Math.fround(b1 * m[i]! + c1 * g);
+    const vi = Math.fround(b2 * v[i]! + c2 * g * g);
+    m[i] = mi;
+    v[i] = vi;
+    data[i] = data[i]! * decay - (stepSize * mi) / (Math.sqrt(vi) * invBc2Sqrt + eps);
   }
 }
 

@@ -22,17 +22,25 @@ import {
   checkCrossEntropy,
   checkDims,
   checkLength,
+  checkRope,
   planAttention,
   planMatmul,
 } from '../backend.js';
 import { ElementwiseOps } from '../elementwise.js';
 import {
+  ADD,
   ATTN,
+  KIND_ADD,
   KIND_ATTENTION_BACKWARD,
   KIND_ATTENTION_FORWARD,
   KIND_CROSS_ENTROPY,
+  KIND_RMSNORM,
+  KIND_RMSNORM_BACKWARD,
+  KIND_ROPE,
   KIND_SWIGLU,
   KIND_SWIGLU_BACKWARD,
+  NORM,
+  ROPE,
   SLACK_BYTES,
   SWIGLU,
   XENT,
@@ -63,8 +71,11 @@ const MR = 2;
 const NR = 16;
 /** Chunks per thread of a split job: more balance the load, fewer pack less. */
 const CHUNKS_PER_THREAD = 2;
+/** Large jobs get up to this many chunks per thread, of at least CHUNK_FLOPS each, so that a thread descheduled by another process holds back little. */
+const MAX_CHUNKS_PER_THREAD = 16;
+const CHUNK_FLOPS = 5e7;
 /** Output columns per kernel call (wider packed panels of B fall out of L2). */
-const MAX_COLUMNS = Number(process.env.AMX_COLS ?? 768);
+const MAX_COLUMNS = 512;
 
 function align64(n: number): number {
   return Math.ceil(n / 64) * 64;
@@ -72,6 +83,13 @@ function align64(n: number): number {
 
 /** Elementwise ops shorter than this stay in TypeScript (the copies and the wake-up would cost more). */
 const ELEMENTWISE_MIN = 4096;
+
+/** Rows per job of rmsnormBackward: fixed, so that its partial sums do not depend on the thread count. */
+const NORM_BACKWARD_ROWS = 32;
+
+function normRowsPerJob(rows: number, dim: number): number {
+  return Math.max(1, Math.ceil(ELEMENTWISE_MIN / Math.max(1, dim)), Math.ceil(rows / 0xffff));
+}
 
 function checkElementwise(op: string, n: number, arrays: Float32Array[]): void {
   checkDims(op, { n });
@@ -388,6 +406,156 @@ export class WasmBackend extends ElementwiseOps implements Backend {
     this.elementwise(KIND_SWIGLU_BACKWARD, n, [gate, up, dOut], [dGate, dUp]);
   }
 
+  override add(a: Float32Array, b: Float32Array, out: Float32Array, n: number): void {
+    if (!this.residentOp(n, [a, b, out])) {
+      super.add(a, b, out, n);
+      return;
+    }
+    checkElementwise('add', n, [a, b, out]);
+    const st = new Staging(this.stagingBase());
+    const desc = st.take(ADD.SLOTS * 4);
+    this.ensure(st.at);
+    const perJob = Math.max(ELEMENTWISE_MIN, Math.ceil(n / (4 * this.threads) / 4) * 4);
+    this.writeSlots(desc, [
+      [ADD.a, a.byteOffset],
+      [ADD.b, b.byteOffset],
+      [ADD.out, out.byteOffset],
+      [ADD.n, n],
+      [ADD.perJob, perJob],
+    ]);
+    this.pool.runJobs(KIND_ADD, Math.ceil(n / perJob), desc);
+  }
+
+  override rmsnorm(
+    x: Float32Array,
+    weight: Float32Array,
+    out: Float32Array,
+    rows: number,
+    dim: number,
+    eps: number,
+    invRms?: Float32Array,
+  ): void {
+    if (!this.residentOp(rows * dim, [x, out]) || dim === 0) {
+      super.rmsnorm(x, weight, out, rows, dim, eps, invRms);
+      return;
+    }
+    checkDims('rmsnorm', { rows, dim });
+    checkElementwise('rmsnorm', rows * dim, [x, out]);
+    checkLength('rmsnorm', 'weight', weight, dim);
+    if (invRms) checkLength('rmsnorm', 'invRms', invRms, rows);
+    const st = new Staging(this.stagingBase());
+    const desc = st.take(NORM.SLOTS * 4);
+    const w = this.operand(st, weight, dim, true, false);
+    const inv = invRms ? this.operand(st, invRms, rows, false, true) : null;
+    this.ensure(st.at);
+    this.copyIn([w]);
+    const rowsPerJob = normRowsPerJob(rows, dim);
+    this.writeSlots(desc, [
+      [NORM.x, x.byteOffset],
+      [NORM.w, w.addr],
+      [NORM.out, out.byteOffset],
+      [NORM.invRms, inv ? inv.addr : 0],
+      [NORM.rows, rows],
+      [NORM.dim, dim],
+      [NORM.rowsPerJob, rowsPerJob],
+    ]);
+    this.heap[(desc >>> 2) + NORM.eps] = eps;
+    this.pool.runJobs(KIND_RMSNORM, Math.ceil(rows / rowsPerJob), desc);
+    if (inv) this.copyOut([inv]);
+  }
+
+  override rmsnormBackward(
+    x: Float32Array,
+    weight: Float32Array,
+    invRms: Float32Array | null,
+    dOut: Float32Array,
+    dx: Float32Array,
+    dWeight: Float32Array | null,
+    rows: number,
+    dim: number,
+    eps: number,
+  ): void {
+    if (!invRms || !this.residentOp(rows * dim, [x, dOut, dx]) || dim === 0) {
+      super.rmsnormBackward(x, weight, invRms, dOut, dx, dWeight, rows, dim, eps);
+      return;
+    }
+    const op = 'rmsnormBackward';
+    checkDims(op, { rows, dim });
+    checkElementwise(op, rows * dim, [x, dOut, dx]);
+    checkLength(op, 'weight', weight, dim);
+    checkLength(op, 'invRms', invRms, rows);
+    if (dWeight) checkLength(op, 'dWeight', dWeight, dim);
+    const rowsPerJob = Math.max(NORM_BACKWARD_ROWS, Math.ceil(rows / 0xffff));
+    const jobs = Math.ceil(rows / rowsPerJob);
+    const dimPad = (dim + 3) & ~3;
+    const st = new Staging(this.stagingBase());
+    const desc = st.take(NORM.SLOTS * 4);
+    const w = this.operand(st, weight, dim, true, false);
+    const inv = this.operand(st, invRms, rows, true, false);
+    const partial = dWeight ? st.take(jobs * dimPad * 4) : 0;
+    this.ensure(st.at);
+    this.copyIn([w, inv]);
+    this.writeSlots(desc, [
+      [NORM.x, x.byteOffset],
+      [NORM.w, w.addr],
+      [NORM.out, dx.byteOffset],
+      [NORM.invRms, inv.addr],
+      [NORM.dOut, dOut.byteOffset],
+      [NORM.partial, partial],
+      [NORM.rows, rows],
+      [NORM.dim, dim],
+      [NORM.rowsPerJob, rowsPerJob],
+      [NORM.dimPad, dimPad],
+    ]);
+    this.pool.runJobs(KIND_RMSNORM_BACKWARD, jobs, desc);
+    if (dWeight) {
+      // The jobs' partial sums, added in job order (the same whatever thread ran which job).
+      const heap = this.heap;
+      const p0 = partial >>> 2;
+      for (let j = 0; j < dim; j++) {
+        let sum = 0;
+        for (let t = 0; t < jobs; t++) sum += heap[p0 + t * dimPad + j]!;
+        dWeight[j] = dWeight[j]! + sum;
+      }
+    }
+  }
+
+  override rope(
+    x: Float32Array,
+    out: Float32Array,
+    cos: Float32Array,
+    sin: Float32Array,
+    tokens: number,
+    heads: number,
+    headDim: number,
+    positions?: Int32Array,
+  ): void {
+    if (!this.residentOp(tokens * heads * headDim, [x, out])) {
+      super.rope(x, out, cos, sin, tokens, heads, headDim, positions);
+      return;
+    }
+    checkRope('rope', x, out, cos, sin, tokens, heads, headDim, positions);
+    this.rotate(x, out, cos, sin, tokens, heads, headDim, positions, 1);
+  }
+
+  override ropeBackward(
+    dOut: Float32Array,
+    dx: Float32Array,
+    cos: Float32Array,
+    sin: Float32Array,
+    tokens: number,
+    heads: number,
+    headDim: number,
+    positions?: Int32Array,
+  ): void {
+    if (!this.residentOp(tokens * heads * headDim, [dOut, dx])) {
+      super.ropeBackward(dOut, dx, cos, sin, tokens, heads, headDim, positions);
+      return;
+    }
+    checkRope('ropeBackward', dOut, dx, cos, sin, tokens, heads, headDim, positions);
+    this.rotate(dOut, dx, cos, sin, tokens, heads, headDim, positions, -1);
+  }
+
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
@@ -395,6 +563,57 @@ export class WasmBackend extends ElementwiseOps implements Backend {
   }
 
   // -------------------------------------------------------------------------------------------
+
+  /** Whether a memory-bound op of n elements should run in the kernels: large, and on resident arrays only. */
+  private residentOp(n: number, arrays: Float32Array[]): boolean {
+    if (!this.pool.hasKernels || !(n >= ELEMENTWISE_MIN) || this.disposed) return false;
+    return arrays.every((a) => this.addressOf(a) >= 0 && a.length >= n);
+  }
+
+  private writeSlots(desc: number, slots: [number, number][]): void {
+    const d = this.heapI32;
+    const at = desc >>> 2;
+    for (const [slot, value] of slots) d[at + slot] = value;
+  }
+
+  private rotate(
+    x: Float32Array,
+    out: Float32Array,
+    cos: Float32Array,
+    sin: Float32Array,
+    tokens: number,
+    heads: number,
+    headDim: number,
+    positions: Int32Array | undefined,
+    sign: number,
+  ): void {
+    const half = headDim / 2;
+    let maxPos = tokens - 1;
+    if (positions) for (let t = 0; t < tokens; t++) maxPos = Math.max(maxPos, positions[t]!);
+    const tab = (maxPos + 1) * half;
+    const st = new Staging(this.stagingBase());
+    const desc = st.take(ROPE.SLOTS * 4);
+    const c = this.operand(st, cos, tab, true, false);
+    const s = this.operand(st, sin, tab, true, false);
+    const pos = positions ? st.take(tokens * 4) : 0;
+    this.ensure(st.at);
+    this.copyIn([c, s]);
+    if (positions) this.heapI32.set(positions.subarray(0, tokens), pos >>> 2);
+    const tokensPerJob = Math.max(1, Math.ceil(ELEMENTWISE_MIN / (heads * headDim)), Math.ceil(tokens / (4 * this.threads)));
+    this.writeSlots(desc, [
+      [ROPE.x, x.byteOffset],
+      [ROPE.out, out.byteOffset],
+      [ROPE.cos, c.addr],
+      [ROPE.sin, s.addr],
+      [ROPE.pos, pos],
+      [ROPE.tokens, tokens],
+      [ROPE.heads, heads],
+      [ROPE.hd, headDim],
+      [ROPE.tokensPerJob, tokensPerJob],
+    ]);
+    this.heap[(desc >>> 2) + ROPE.sign] = sign;
+    this.pool.runJobs(KIND_ROPE, Math.ceil(tokens / tokensPerJob), desc);
+  }
 
   private checkLive(): void {
     if (this.disposed) throw new AmalgamError('E_USAGE', 'WasmBackend used after dispose()');
@@ -509,7 +728,9 @@ export class WasmBackend extends ElementwiseOps implements Backend {
     const rows = batch * M;
     const colBlocks = Math.ceil(N / MAX_COLUMNS);
     const width = Math.ceil(N / colBlocks / NR) * NR;
-    if (this.threads === 1 || 2 * batch * M * N * K < this.parallelThreshold) {
+    const flops = 2 * batch * M * N * K;
+    const chunks = Math.max(this.threads * CHUNKS_PER_THREAD, Math.min(this.threads * MAX_CHUNKS_PER_THREAD, Math.floor(flops / CHUNK_FLOPS)));
+    if (this.threads === 1 || flops < this.parallelThreshold) {
       for (let n0 = 0; n0 < N; n0 += width) {
         args[2] = n0;
         args[3] = Math.min(N, n0 + width);
@@ -518,14 +739,15 @@ export class WasmBackend extends ElementwiseOps implements Backend {
     } else if (colBlocks >= this.threads * CHUNKS_PER_THREAD || rows < N) {
       // Column chunks, each at most one block wide.
       const units = Math.ceil(N / NR);
-      this.pool.runSplit(args, { byRows: false, unit: NR, chunks: Math.min(units, Math.max(colBlocks, this.threads * CHUNKS_PER_THREAD)) });
+      this.pool.runSplit(args, { byRows: false, unit: NR, chunks: Math.min(units, Math.max(colBlocks, chunks)) });
     } else {
       // Row chunks, one split job per column block.
       const units = Math.ceil(rows / MR);
+      const perBlock = Math.max(this.threads * CHUNKS_PER_THREAD, Math.ceil(chunks / colBlocks));
       for (let n0 = 0; n0 < N; n0 += width) {
         args[2] = n0;
         args[3] = Math.min(N, n0 + width);
-        this.pool.runSplit(args, { byRows: true, unit: MR, chunks: Math.min(units, this.threads * CHUNKS_PER_THREAD) });
+        this.pool.runSplit(args, { byRows: true, unit: MR, chunks: Math.min(units, perBlock) });
       }
     }
 

@@ -62,14 +62,12 @@ export function seq(...parts: Code[]): Code {
 
 export const get = (i: number): Code => [0x20, ...uleb(i)];
 export const set = (i: number, v: Code): Code => [...v, 0x21, ...uleb(i)];
-export const tee = (i: number, v: Code): Code => [...v, 0x22, ...uleb(i)];
 export const i32c = (v: number): Code => [0x41, ...sleb(v | 0)];
 export function f32c(v: number): Code {
   const b = new Uint8Array(4);
   new DataView(b.buffer).setFloat32(0, v, true);
   return [0x43, ...b];
 }
-export const drop = (v: Code): Code => [...v, 0x1a];
 export const select = (a: Code, b: Code, cond: Code): Code => [...a, ...b, ...cond, 0x1b];
 export const call = (fn: number, ...args: Code[]): Code => [...args.flat(), 0x10, ...uleb(fn)];
 
@@ -79,7 +77,6 @@ export const block = (...body: Code[]): Code => [0x02, 0x40, ...body.flat(), 0x0
 export const loop = (...body: Code[]): Code => [0x03, 0x40, ...body.flat(), 0x0b];
 export const br = (depth: number): Code => [0x0c, ...uleb(depth)];
 export const brIf = (depth: number, cond: Code): Code => [...cond, 0x0d, ...uleb(depth)];
-export const ret = (): Code => [0x0f];
 export function if_(cond: Code, then: Code, otherwise?: Code): Code {
   return otherwise ? [...cond, 0x04, 0x40, ...then, 0x05, ...otherwise, 0x0b] : [...cond, 0x04, 0x40, ...then, 0x0b];
 }
@@ -106,14 +103,12 @@ export const i32 = {
   ne: bin(0x47),
   lt_s: bin(0x48),
   gt_s: bin(0x4a),
-  le_s: bin(0x4c),
   ge_s: bin(0x4e),
   add: bin(0x6a),
   sub: bin(0x6b),
   mul: bin(0x6c),
   div_s: bin(0x6d),
   and: bin(0x71),
-  or: bin(0x72),
   shl: bin(0x74),
   shr_s: bin(0x75),
   /** Smaller of two side-effect-free expressions (each is evaluated twice). */
@@ -124,21 +119,11 @@ export const i32 = {
 
 export const f32 = {
   eq: bin(0x5b),
-  lt: bin(0x5d),
-  gt: bin(0x5e),
-  le: bin(0x5f),
-  ge: bin(0x60),
-  abs: un(0x8b),
-  neg: un(0x8c),
-  sqrt: un(0x91),
   add: bin(0x92),
   sub: bin(0x93),
   mul: bin(0x94),
-  div: bin(0x95),
-  min: bin(0x96),
   max: bin(0x97),
   fromF64: un(0xb6),
-  fromI32: un(0xb2),
   load: (addr: Code, offset = 0): Code => [...addr, 0x2a, 2, ...uleb(offset)],
   store: (addr: Code, v: Code, offset = 0): Code => [...addr, ...v, 0x38, 2, ...uleb(offset)],
 };
@@ -151,11 +136,11 @@ export function f64c(v: number): Code {
 
 export const f64 = {
   add: bin(0xa0),
-  sub: bin(0xa1),
   mul: bin(0xa2),
   div: bin(0xa3),
+  sqrt: un(0x9f),
   fromF32: un(0xbb),
-  load: (addr: Code, offset = 0): Code => [...addr, 0x2b, 3, ...uleb(offset)],
+  fromI32: un(0xb7),
   store: (addr: Code, v: Code, offset = 0): Code => [...addr, ...v, 0x39, 3, ...uleb(offset)],
 };
 
@@ -171,17 +156,12 @@ export const v128 = {
   /** One float from memory in every lane. */
   load32Splat: (addr: Code, offset = 0): Code => [...addr, ...simd(0x09), 2, ...uleb(offset)],
   and: vbin(0x4e),
-  andnot: vbin(0x4f),
-  or: vbin(0x50),
 };
 
 export const f32x4 = {
   splat: vun(0x13),
   extractLane: (v: Code, lane: number): Code => [...v, ...simd(0x1f), lane],
   lt: vbin(0x43),
-  gt: vbin(0x44),
-  floor: vun(0x68),
-  nearest: vun(0x6a),
   add: vbin(0xe4),
   sub: vbin(0xe5),
   mul: vbin(0xe6),
@@ -218,8 +198,6 @@ export const i32x4 = {
   splat: vun(0x11),
   shl: vbin(0xab),
   add: vbin(0xae),
-  /** Float lanes truncated to signed integers, saturating (NaN gives 0). */
-  truncSatF32x4: vun(0xf8),
 };
 
 // --- bulk memory -----------------------------------------------------------------------------
@@ -253,7 +231,7 @@ export class Fn {
   }
 
   emit(...code: Code[]): void {
-    for (const c of code) this.body.push(...c);
+    for (const c of code) for (const b of c) this.body.push(b);
   }
 
   /** The function's entry in the code section. */

@@ -1,14 +1,16 @@
 /**
- * SIMD kernels beside the GEMM: fused causal attention (forward and backward) and softmax
- * cross-entropy rows. The module is generated at run time with ./emit.ts, imports the backend's
- * shared memory, and exports one entry point:
+ * SIMD kernels beside the GEMM: fused causal attention (forward and backward), softmax
+ * cross-entropy rows, swiglu (forward and backward), add, rmsnorm (forward and backward) and
+ * rope. The module is generated at run time with ./emit.ts, imports the backend's shared
+ * memory, and exports one entry point:
  *
  *   job(kind, index, desc, thread)
  *
  * which runs job `index` of the operation described at byte address `desc` (i32 slots, see
- * ATTN and XENT), using the scratch area of `thread`. The jobs of one call write disjoint
- * outputs and each computes its elements in a fixed order, so any thread may run any job and
- * results do not depend on the thread count.
+ * ATTN, XENT, SWIGLU, ADD, NORM, ROPE), using the scratch area of `thread`. The jobs of one
+ * call write disjoint outputs and each computes its elements in a fixed order, so any thread may
+ * run any job and results do not depend on the thread count (rmsnorm's weight gradient comes
+ * back as per-job partial sums over a fixed number of rows, added up by the caller in order).
  *
  * Attention jobs are (sequence b, key/value head): the job handles the query heads of that
  * group one after another, four query rows at a time, over keys 0 … (last row's position):
@@ -56,6 +58,10 @@ export const KIND_ATTENTION_BACKWARD = 1;
 export const KIND_CROSS_ENTROPY = 2;
 export const KIND_SWIGLU = 3;
 export const KIND_SWIGLU_BACKWARD = 4;
+export const KIND_ADD = 5;
+export const KIND_RMSNORM = 6;
+export const KIND_RMSNORM_BACKWARD = 7;
+export const KIND_ROPE = 8;
 
 /** Descriptor of an attention call: i32 slots (scale is an f32); pointers are byte addresses. */
 export const ATTN = {
@@ -115,6 +121,43 @@ export const SWIGLU = {
   n: 5,
   perJob: 6,
   SLOTS: 8,
+} as const;
+
+/** Descriptor of add: out = a + b over n elements, job i covering [i·perJob, …). */
+export const ADD = { a: 0, b: 1, out: 2, n: 3, perJob: 4, SLOTS: 8 } as const;
+
+/**
+ * Descriptor of rmsnorm (forward: out, invRms when nonzero; backward: dx, and the partial sums
+ * of dWeight of job i at partial + i·dimPad floats when partial is nonzero). eps is an f32.
+ */
+export const NORM = {
+  x: 0,
+  w: 1,
+  out: 2,
+  invRms: 3,
+  dOut: 4,
+  partial: 5,
+  rows: 6,
+  dim: 7,
+  eps: 8,
+  rowsPerJob: 9,
+  dimPad: 10,
+  SLOTS: 12,
+} as const;
+
+/** Descriptor of rope over [tokens, heads, hd]; pos 0 means position = token index; sign is an f32 (−1: inverse). */
+export const ROPE = {
+  x: 0,
+  out: 1,
+  cos: 2,
+  sin: 3,
+  pos: 4,
+  tokens: 5,
+  heads: 6,
+  hd: 7,
+  sign: 8,
+  tokensPerJob: 9,
+  SLOTS: 12,
 } as const;
 
 /** Keys padded to a whole number of score tiles. */
@@ -198,9 +241,9 @@ function storeLanes(addr: Code, v: number, n: number): Code {
 }
 
 /**
- * The row at byte address `row` holds scores for keys [0, lim8); keeps [0, lr) (lr ≥ 1) and
- * writes e^(x − max) / Σ to `dst` [0, lr) and zeros to `dst` [lr, len). The row itself is
- * left with the exponentials.
+ * Softmax of the scores of keys [0, lr) (lr ≥ 1) in the scratch row at byte address `row`:
+ * writes e^(x − max) / Σ to `dst` [0, lr) and zeros to `dst` [lr, len). The scratch row is left
+ * holding the exponentials.
  */
 function softmaxRow(fn: Fn, t: ExpTmp, row: number, lr: number, dst: number, len: number): Code {
   const j = fn.local(i32t);
@@ -761,6 +804,224 @@ function swigluJob(backward: boolean): Fn {
   return fn;
 }
 
+/** The range [lo, hi) of job IDX over `count` items in blocks of `per` (slots of the descriptor). */
+function jobRange(fn: Fn, IDX: number, ld: (slot: number) => Code, perSlot: number, countSlot: number): [number, number] {
+  const lo = fn.local(i32t);
+  const hi = fn.local(i32t);
+  const tmp = fn.local(i32t);
+  fn.emit(set(lo, mul(get(IDX), ld(perSlot))), set(tmp, i32.add(get(lo), ld(perSlot))), set(hi, i32.min_s(ld(countSlot), get(tmp))));
+  return [lo, hi];
+}
+
+function addJob(): Fn {
+  const fn = new Fn('add', [i32t, i32t, i32t]);
+  const [IDX, DESC] = [0, 1];
+  const ld = (slot: number): Code => i32.load(get(DESC), slot * 4);
+  const [i0, i1] = jobRange(fn, IDX, ld, ADD.perJob, ADD.n);
+  const [i, n4, rem, o] = fn.localsOf(i32t, 4);
+  const r = fn.local(v128t);
+  const at = (slot: number): Code => i32.add(ld(slot), get(o));
+  fn.emit(
+    set(n4, i32.add(get(i0), i32.and(i32.sub(get(i1), get(i0)), c4(~3)))),
+    forRange(i, get(i0), get(n4), c4(4), set(o, x4(get(i))), v128.store(at(ADD.out), f32x4.add(v128.load(at(ADD.a)), v128.load(at(ADD.b))))),
+    set(rem, i32.sub(get(i1), get(n4))),
+    set(o, x4(get(n4))),
+    if_(i32.gt_s(get(rem), c4(0)), seq(set(r, f32x4.add(v128.load(at(ADD.a)), v128.load(at(ADD.b)))), storeLanes(at(ADD.out), r, rem))),
+  );
+  return fn;
+}
+
+/** Σ over [0, dim) of f(k) where f gives the vector at float offset k (lanes past dim masked), as f64. */
+function rowSum(fn: Fn, dim: number, term: (k: number) => Code): Code {
+  const k = fn.local(i32t);
+  const n4 = fn.local(i32t);
+  const acc = fn.local(v128t);
+  const last = fn.local(v128t);
+  const wide = fn.local(v128t);
+  return seq(
+    set(acc, f32x4.zero()),
+    set(n4, i32.and(get(dim), c4(~3))),
+    forRange(k, c4(0), get(n4), c4(4), set(acc, f32x4.add(get(acc), term(k)))),
+    if_(
+      i32.lt_s(get(n4), get(dim)),
+      seq(
+        set(k, get(n4)),
+        set(last, v128.and(term(k), f32x4.lt(f32x4.fromI32x4(LANES), f32x4.fromI32x4(i32x4.splat(i32.sub(get(dim), get(n4))))))),
+        set(acc, f32x4.add(get(acc), get(last))),
+      ),
+    ),
+    set(wide, f64x2.add(f64x2.promoteLow(get(acc)), f64x2.promoteLow(highHalf(get(acc))))),
+    hsum64(wide),
+  );
+}
+
+/** Applies `body(k, rem)` to every vector of a row of dim floats; rem < 4 marks the partial last one. */
+function rowVectors(fn: Fn, dim: number, body: (k: number, rem: number | null) => Code): Code {
+  const k = fn.local(i32t);
+  const n4 = fn.local(i32t);
+  const rem = fn.local(i32t);
+  return seq(
+    set(n4, i32.and(get(dim), c4(~3))),
+    forRange(k, c4(0), get(n4), c4(4), body(k, null)),
+    set(rem, i32.sub(get(dim), get(n4))),
+    if_(i32.gt_s(get(rem), c4(0)), seq(set(k, get(n4)), body(k, rem))),
+  );
+}
+
+function rmsnormJob(): Fn {
+  const fn = new Fn('rmsnorm', [i32t, i32t, i32t]);
+  const [IDX, DESC] = [0, 1];
+  const ld = (slot: number): Code => i32.load(get(DESC), slot * 4);
+  const [r0, r1] = jobRange(fn, IDX, ld, NORM.rowsPerJob, NORM.rows);
+  const [r, dim, xr, outr, w, invRms] = fn.localsOf(i32t, 6);
+  const inv = fn.local(f32t);
+  const iv = fn.local(v128t);
+  const v = fn.local(v128t);
+  const vec = (base: Code, k: number): Code => v128.load(i32.add(base, x4(get(k))));
+  fn.emit(
+    set(dim, ld(NORM.dim)),
+    set(w, ld(NORM.w)),
+    set(invRms, ld(NORM.invRms)),
+    forRange(
+      r,
+      get(r0),
+      get(r1),
+      c4(1),
+      set(xr, i32.add(ld(NORM.x), x4(mul(get(r), get(dim))))),
+      set(outr, i32.add(ld(NORM.out), x4(mul(get(r), get(dim))))),
+      set(
+        inv,
+        f32.fromF64(
+          f64.div(
+            f64c(1),
+            f64.sqrt(f64.add(f64.div(rowSum(fn, dim, (k) => seq(set(v, vec(get(xr), k)), f32x4.mul(get(v), get(v)))), f64.fromI32(get(dim))), f64.fromF32(f32.load(get(DESC), NORM.eps * 4)))),
+          ),
+        ),
+      ),
+      if_(i32.ne(get(invRms), c4(0)), f32.store(i32.add(get(invRms), x4(get(r))), get(inv))),
+      set(iv, f32x4.splat(get(inv))),
+      rowVectors(fn, dim, (k, rem) =>
+        rem === null
+          ? v128.store(i32.add(get(outr), x4(get(k))), f32x4.mul(f32x4.mul(vec(get(xr), k), get(iv)), vec(get(w), k)))
+          : seq(set(v, f32x4.mul(f32x4.mul(vec(get(xr), k), get(iv)), vec(get(w), k))), storeLanes(i32.add(get(outr), x4(get(k))), v, rem)),
+      ),
+    ),
+  );
+  return fn;
+}
+
+function rmsnormBackwardJob(): Fn {
+  const fn = new Fn('rmsnormBackward', [i32t, i32t, i32t]);
+  const [IDX, DESC] = [0, 1];
+  const ld = (slot: number): Code => i32.load(get(DESC), slot * 4);
+  const [r0, r1] = jobRange(fn, IDX, ld, NORM.rowsPerJob, NORM.rows);
+  const [r, dim, xr, gr, dxr, w, part] = fn.localsOf(i32t, 7);
+  const inv = fn.local(f32t);
+  const [iv, cv, v] = fn.localsOf(v128t, 3);
+  const vec = (base: Code, k: number): Code => v128.load(i32.add(base, x4(get(k))));
+  fn.emit(
+    set(dim, ld(NORM.dim)),
+    set(w, ld(NORM.w)),
+    set(part, ld(NORM.partial)),
+    if_(i32.ne(get(part), c4(0)), seq(set(part, i32.add(get(part), x4(mul(get(IDX), ld(NORM.dimPad))))), memory.fill(get(part), c4(0), x4(ld(NORM.dimPad))))),
+    forRange(
+      r,
+      get(r0),
+      get(r1),
+      c4(1),
+      set(xr, i32.add(ld(NORM.x), x4(mul(get(r), get(dim))))),
+      set(gr, i32.add(ld(NORM.dOut), x4(mul(get(r), get(dim))))),
+      set(dxr, i32.add(ld(NORM.out), x4(mul(get(r), get(dim))))),
+      set(inv, f32.load(i32.add(ld(NORM.invRms), x4(get(r))))),
+      set(iv, f32x4.splat(get(inv))),
+      // c = inv³ · Σ dOut·w·x / dim
+      set(
+        cv,
+        f32x4.splat(
+          f32.fromF64(
+            f64.div(
+              f64.mul(f64.fromF32(f32.mul(f32.mul(get(inv), get(inv)), get(inv))), rowSum(fn, dim, (k) => f32x4.mul(f32x4.mul(vec(get(gr), k), vec(get(w), k)), vec(get(xr), k)))),
+              f64.fromI32(get(dim)),
+            ),
+          ),
+        ),
+      ),
+      rowVectors(fn, dim, (k, rem) => {
+        const dx = f32x4.sub(f32x4.mul(f32x4.mul(get(iv), vec(get(gr), k)), vec(get(w), k)), f32x4.mul(get(cv), vec(get(xr), k)));
+        const at = i32.add(get(dxr), x4(get(k)));
+        const partial = if_(
+          i32.ne(get(part), c4(0)),
+          v128.store(i32.add(get(part), x4(get(k))), f32x4.add(vec(get(part), k), f32x4.mul(f32x4.mul(vec(get(gr), k), vec(get(xr), k)), get(iv)))),
+        );
+        return rem === null ? seq(v128.store(at, dx), partial) : seq(set(v, dx), storeLanes(at, v, rem), partial);
+      }),
+    ),
+  );
+  return fn;
+}
+
+function ropeJob(): Fn {
+  const fn = new Fn('rope', [i32t, i32t, i32t]);
+  const [IDX, DESC] = [0, 1];
+  const ld = (slot: number): Code => i32.load(get(DESC), slot * 4);
+  const [t0, t1] = jobRange(fn, IDX, ld, ROPE.tokensPerJob, ROPE.tokens);
+  const [t, h, heads, hd, half, half4, cs, sn, xo, oo, pos, i, n4] = fn.localsOf(i32t, 13);
+  const [sgn, c, sv, x1, x2] = fn.localsOf(v128t, 5);
+  const [cf, sf, a, b] = fn.localsOf(f32t, 4);
+  fn.emit(
+    set(heads, ld(ROPE.heads)),
+    set(hd, ld(ROPE.hd)),
+    set(half, i32.shr_s(get(hd), c4(1))),
+    set(half4, x4(get(half))),
+    set(pos, ld(ROPE.pos)),
+    set(sgn, f32x4.splat(f32.load(get(DESC), ROPE.sign * 4))),
+    set(n4, i32.and(get(half), c4(~3))),
+    forRange(
+      t,
+      get(t0),
+      get(t1),
+      c4(1),
+      set(i, get(t)),
+      if_(i32.ne(get(pos), c4(0)), set(i, i32.load(i32.add(get(pos), x4(get(t)))))),
+      set(cs, i32.add(ld(ROPE.cos), mul(get(i), get(half4)))),
+      set(sn, i32.add(ld(ROPE.sin), mul(get(i), get(half4)))),
+      forRange(
+        h,
+        c4(0),
+        get(heads),
+        c4(1),
+        set(xo, i32.add(ld(ROPE.x), x4(mul(add(mul(get(t), get(heads)), get(h)), get(hd))))),
+        set(oo, i32.add(ld(ROPE.out), x4(mul(add(mul(get(t), get(heads)), get(h)), get(hd))))),
+        forRange(
+          i,
+          c4(0),
+          get(n4),
+          c4(4),
+          set(c, v128.load(i32.add(get(cs), x4(get(i))))),
+          set(sv, f32x4.mul(v128.load(i32.add(get(sn), x4(get(i)))), get(sgn))),
+          set(x1, v128.load(i32.add(get(xo), x4(get(i))))),
+          set(x2, v128.load(i32.add(add(get(xo), get(half4)), x4(get(i))))),
+          v128.store(i32.add(get(oo), x4(get(i))), f32x4.sub(f32x4.mul(get(x1), get(c)), f32x4.mul(get(x2), get(sv)))),
+          v128.store(i32.add(add(get(oo), get(half4)), x4(get(i))), f32x4.add(f32x4.mul(get(x2), get(c)), f32x4.mul(get(x1), get(sv)))),
+        ),
+        forRange(
+          i,
+          get(n4),
+          get(half),
+          c4(1),
+          set(cf, f32.load(i32.add(get(cs), x4(get(i))))),
+          set(sf, f32.mul(f32.load(i32.add(get(sn), x4(get(i)))), f32x4.extractLane(get(sgn), 0))),
+          set(a, f32.load(i32.add(get(xo), x4(get(i))))),
+          set(b, f32.load(i32.add(add(get(xo), get(half4)), x4(get(i))))),
+          f32.store(i32.add(get(oo), x4(get(i))), f32.sub(f32.mul(get(a), get(cf)), f32.mul(get(b), get(sf)))),
+          f32.store(i32.add(add(get(oo), get(half4)), x4(get(i))), f32.add(f32.mul(get(b), get(cf)), f32.mul(get(a), get(sf)))),
+        ),
+      ),
+    ),
+  );
+  return fn;
+}
+
 function dispatcher(): Fn {
   const fn = new Fn('job', [i32t, i32t, i32t, i32t]);
   const args = [get(1), get(2), get(3)];
@@ -770,6 +1031,10 @@ function dispatcher(): Fn {
     if_(i32.eq(get(0), c4(KIND_CROSS_ENTROPY)), call(2, ...args)),
     if_(i32.eq(get(0), c4(KIND_SWIGLU)), call(3, ...args)),
     if_(i32.eq(get(0), c4(KIND_SWIGLU_BACKWARD)), call(4, ...args)),
+    if_(i32.eq(get(0), c4(KIND_ADD)), call(5, ...args)),
+    if_(i32.eq(get(0), c4(KIND_RMSNORM)), call(6, ...args)),
+    if_(i32.eq(get(0), c4(KIND_RMSNORM_BACKWARD)), call(7, ...args)),
+    if_(i32.eq(get(0), c4(KIND_ROPE)), call(8, ...args)),
   );
   return fn;
 }
@@ -779,7 +1044,18 @@ let cached: WasmModule | undefined;
 /** The kernel module's bytes (function order fixes the dispatcher's call indices). */
 export function kernelModuleBytes(): Uint8Array {
   return buildModule({
-    fns: [attentionForward(), attentionBackward(), crossEntropyRows(), swigluJob(false), swigluJob(true), dispatcher()],
+    fns: [
+      attentionForward(),
+      attentionBackward(),
+      crossEntropyRows(),
+      swigluJob(false),
+      swigluJob(true),
+      addJob(),
+      rmsnormJob(),
+      rmsnormBackwardJob(),
+      ropeJob(),
+      dispatcher(),
+    ],
     exports: ['job'],
     maxPages: 65536,
   });
