@@ -16,6 +16,7 @@ import { registerLora } from './lora.js';
 import { registerDam } from './dam.js';
 import { registerEvolve } from './evolve.js';
 import { registerAdaMerge } from './adamerge.js';
+import { registerOsrm } from './osrm.js';
 import { registerMerge } from './merge.js';
 
 const require = createRequire(import.meta.url);
@@ -39,6 +40,7 @@ export function buildProgram(): Command {
   registerDam(program);
   registerEvolve(program);
   registerAdaMerge(program);
+  registerOsrm(program);
   return program;
 }
 
