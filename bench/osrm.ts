@@ -6,7 +6,9 @@
  * Initialisations:
  *
  *   standard                      PEFT default (Kaiming-uniform A, B = 0), A and B trained
- *   orthonormal-control+freeze-A  random orthonormal A, frozen (the control)
+ *   orthonormal-control+freeze-A  random orthonormal A, frozen, drawn from the seed like PEFT's
+ *                                 default (the same A for every task of a seed): the control
+ *   orthonormal-control-per-task+freeze-A  the same, drawn separately for each task (no bar)
  *   osrm-covariance+freeze-A      OSRM covariance mode, A frozen (amalgam's recipe)
  *   osrm-mean                     OSRM mean mode, A trained (the reference code's recipe)
  *
@@ -35,7 +37,8 @@ const USAGE = `usage: npm run bench -- osrm [options]
   --seeds LIST   seeds, comma-separated (default 0,1,2); each seed runs and prints on its own
   --steps N      training steps per run (default 250; the bars assume it)
   --clip C       clip gradients to this global norm (default 0: off, as the reference recipe)
-  --inits LIST   subset of: standard, orthonormal-control+freeze-A, osrm-covariance+freeze-A, osrm-mean
+  --inits LIST   subset of: standard, orthonormal-control+freeze-A, orthonormal-control-per-task+freeze-A,
+                 osrm-covariance+freeze-A, osrm-mean
   --out DIR      keep results.json / results.md (per seed and combined) and the adapters there
   --json         print the combined report as JSON at the end`;
 
@@ -43,6 +46,7 @@ const TASKS = ['domain', 'pronoun', 'parity'] as const;
 const INITS = [
   { init: 'standard', freeze: 'none' },
   { init: 'orthonormal-control', freeze: 'A' },
+  { init: 'orthonormal-control-per-task', freeze: 'A' },
   { init: 'osrm-covariance', freeze: 'A' },
   { init: 'osrm-mean', freeze: 'none' },
 ] as const;

@@ -186,14 +186,19 @@ test('synthetic sanity check: interference random ≫ mean ≳ covariance', () =
   assert.ok(m >= c, `mean ${m} vs covariance ${c}`);
 });
 
-test('orthonormal control and mean mode refuse impossible ranks; control is seeded per task', () => {
+test('mean mode refuses impossible ranks; the control is shared by the tasks of a seed, or drawn per task', () => {
   const rng = new Rng(0);
   assert.throws(() => meanModeBasis([Float64Array.from({ length: 4 }, () => rng.normal()), Float64Array.from({ length: 4 }, () => rng.normal())], 4, 3, new Rng(0)), /leaving 2 for rank 3/);
   const groups = [{ name: 'g', layer: 0, modules: ['m'], dim: 16 }];
-  const a = orthonormalControlInit(['x', 'y'], groups, 4, 9);
+  const shared = orthonormalControlInit(['x', 'y'], groups, 4, 9);
+  assert.ok(orthonormalityError(shared[0]!.groups[0]!.A, 4, 16) <= 1e-12);
+  assert.deepEqual(shared[0]!.groups[0]!.A, shared[1]!.groups[0]!.A);
+  assert.notDeepEqual(orthonormalControlInit(['x', 'y'], groups, 4, 10)[0]!.groups[0]!.A, shared[0]!.groups[0]!.A);
+  const a = orthonormalControlInit(['x', 'y'], groups, 4, 9, true);
+  assert.equal(a[0]!.kind, 'orthonormal-control-per-task');
   assert.ok(orthonormalityError(a[0]!.groups[0]!.A, 4, 16) <= 1e-12);
   assert.notDeepEqual(a[0]!.groups[0]!.A, a[1]!.groups[0]!.A);
-  assert.deepEqual(orthonormalControlInit(['x', 'y'], groups, 4, 9)[1]!.groups[0]!.A, a[1]!.groups[0]!.A);
+  assert.deepEqual(orthonormalControlInit(['x', 'y'], groups, 4, 9, true)[1]!.groups[0]!.A, a[1]!.groups[0]!.A);
 });
 
 const TINY = makeLlamaConfig({ vocabSize: 24, hiddenSize: 16, intermediateSize: 24, numLayers: 2, numHeads: 4, numKvHeads: 2 });

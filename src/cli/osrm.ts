@@ -123,7 +123,7 @@ export function registerOsrm(program: Command): void {
   osrm
     .command('run')
     .description(
-      'Run an OSRM experiment from a recipe: train one LoRA adapter per task for each initialisation (standard, orthonormal-control, osrm-mean, osrm-covariance; freeze A|B|none), evaluate each alone, merge the task vectors over a λ grid with any merge method, evaluate every task on every merge, repeat over seeds; writes results.json and results.md.',
+      'Run an OSRM experiment from a recipe: train one LoRA adapter per task for each initialisation (standard, orthonormal-control[-per-task], osrm-mean, osrm-covariance; freeze A|B|none), evaluate each alone, merge the task vectors over a λ grid with any merge method, evaluate every task on every merge, repeat over seeds; writes results.json and results.md.',
     )
     .argument('<recipe>', 'recipe YAML (docs/osrm.md; examples/osrm-*.yml)')
     .option('--out <dir>', 'output folder (overrides output.dir)')

@@ -9,8 +9,10 @@
  *   of C_t = Σ_{s≠t} E_s[h hᵀ] (uncentred unless `center`, each task weighted equally). Where
  *   the r-th eigenvalue is degenerate, the vectors inside its eigenspace are a seeded choice.
  *
- * The random orthonormal control draws seeded Gaussian rows and orthonormalises them. Every
- * seeded choice derives from (seed, task, group), so the same seed gives the same A.
+ * The random orthonormal control draws seeded Gaussian rows and orthonormalises them: from
+ * (seed, group), so that every task of a seed starts from the same A as with PEFT's default, or
+ * from (seed, task, group) per task. OSRM's seeded choices derive from (seed, task, group). The
+ * same seed gives the same A.
  */
 import { AmalgamError } from '../errors.js';
 import { Rng } from '../tensor/rng.js';
@@ -20,10 +22,13 @@ import { featureMean, featureSecondMoment, type FeatureGroup, type TaskFeatureSt
 
 export type OsrmMode = 'mean' | 'covariance';
 
-/** How a LoRA A is initialised: PEFT's default, a random orthonormal control, or OSRM. */
-export type LoraInitKind = 'standard' | 'orthonormal-control' | 'osrm-mean' | 'osrm-covariance';
+/**
+ * How a LoRA A is initialised: PEFT's default; a random orthonormal control, drawn from the seed
+ * like PEFT's default (the same A for every task of a seed) or separately per task; or OSRM.
+ */
+export type LoraInitKind = 'standard' | 'orthonormal-control' | 'orthonormal-control-per-task' | 'osrm-mean' | 'osrm-covariance';
 
-export const LORA_INIT_KINDS: readonly LoraInitKind[] = ['standard', 'orthonormal-control', 'osrm-mean', 'osrm-covariance'];
+export const LORA_INIT_KINDS: readonly LoraInitKind[] = ['standard', 'orthonormal-control', 'orthonormal-control-per-task', 'osrm-mean', 'osrm-covariance'];
 
 export interface OsrmOptions {
   mode: OsrmMode;
@@ -271,14 +276,21 @@ export function osrmInit(stats: readonly TaskFeatureStats[], opts: OsrmOptions):
   }));
 }
 
-/** Random orthonormal A per task and group, seeded like OSRM's choices. */
-export function orthonormalControlInit(tasks: readonly string[], groups: readonly FeatureGroup[], rank: number, seed = 0): TaskInit[] {
+/**
+ * Random orthonormal A per task and group. By default one draw per group serves every task (as
+ * PEFT's default initialisation from one seed does); `perTask` draws separately for each task.
+ */
+export function orthonormalControlInit(tasks: readonly string[], groups: readonly FeatureGroup[], rank: number, seed = 0, perTask = false): TaskInit[] {
+  const kind: LoraInitKind = perTask ? 'orthonormal-control-per-task' : 'orthonormal-control';
   return tasks.map((task) => ({
     task,
-    kind: 'orthonormal-control' as const,
+    kind,
     rank,
     seed,
-    groups: groups.map((group) => ({ group, A: randomOrthonormalBasis(group.dim, rank, new Rng(derivedSeed(seed, 'control', task, group.name))), seededDimension: group.dim })),
+    groups: groups.map((group) => {
+      const stream = perTask ? derivedSeed(seed, 'control', task, group.name) : derivedSeed(seed, 'control', group.name);
+      return { group, A: randomOrthonormalBasis(group.dim, rank, new Rng(stream)), seededDimension: group.dim };
+    }),
   }));
 }
 

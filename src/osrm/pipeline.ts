@@ -136,11 +136,13 @@ export function variantInits(variant: RecipeInit, stats: readonly TaskFeatureSta
     case 'standard':
       return null;
     case 'orthonormal-control':
+    case 'orthonormal-control-per-task':
       return orthonormalControlInit(
         stats.map((s) => s.task),
         groups,
         r,
         seed,
+        variant.init === 'orthonormal-control-per-task',
       );
     case 'osrm-mean':
       return osrmInit(stats, { mode: 'mean', rank: r, seed, divisor: recipe.osrm.divisor });
