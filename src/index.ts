@@ -81,3 +81,4 @@ export { runDemo, type DemoResult } from './demo/demo.js';
 export * from './dam/index.js';
 export * from './evolve/index.js';
 export * from './adamerge/index.js';
+export * from './osrm/index.js';
