@@ -3,13 +3,13 @@
 // All pointers are byte addresses in linear memory. A chunk of an input holds values as BF16 (u16
 // bits) or F32. The base chunk is at `pbase` and model k's at `pbase + (k + 1) * stride`; chunks
 // are readable up to a multiple of 4 values (the caller pads). The arithmetic is the same, value
-// for value, as the TypeScript kernel: float32 task vectors, float64 weighting, sums and
-// division, so the results are identical.
+// for value and in the same order, as the TypeScript kernel: float32 throughout (task vectors,
+// weighting, sums over models, division, lambda, base + mixed), so the results are identical.
 
 // @ts-ignore: decorator
 @inline const ABS: i32 = 0x7fffffff;
 
-/** Bytes per model in the parameter block of `combine`: thr (i32), cut (i32), weight (f64). */
+/** Bytes per model in the parameter block of `combine`: thr (i32), cut (i32), weight (f32), 4 unused. */
 // @ts-ignore: decorator
 @inline const PARAM_BYTES: usize = 16;
 
@@ -201,11 +201,6 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
 }
 
 // @ts-ignore: decorator
-@inline function hiToLo(v: v128): v128 {
-  return i8x16.shuffle(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-}
-
-// @ts-ignore: decorator
 @inline function combineImpl(
   pbase: usize,
   stride: usize,
@@ -213,8 +208,8 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
   n: i32,
   prm: usize,
   flags: i32,
-  lambda: f64,
-  scalarDiv: f64,
+  lambda: f32,
+  scalarDiv: f32,
   pout: usize,
   pscratch: usize,
   bf16: bool,
@@ -226,20 +221,18 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
   const scale = (flags & 4) != 0;
   const track = (flags & 32) != 0;
   const abs = i32x4.splat(ABS);
-  const one32 = f32x4.splat(1.0);
-  const one = f64x2.splat(1.0);
-  const minusOne = f64x2.splat(-1.0);
-  const zero = f64x2.splat(0.0);
-  const vlambda = f64x2.splat(lambda);
-  const vdiv = f64x2.splat(scalarDiv);
+  const one = f32x4.splat(1.0);
+  const minusOne = f32x4.splat(-1.0);
+  const zero = f32x4.splat(0.0);
+  const vlambda = f32x4.splat(lambda);
+  const vdiv = f32x4.splat(scalarDiv);
   let mx = i32x4.splat(0);
   let idx = i32x4(0, 1, 2, 3);
   const four = i32x4.splat(4);
   for (let i = 0; i < n; i += 4) {
     const b = load4(pbase, i, bf16);
     if (track) mx = maxMagnitude(mx, b);
-    let tLo = zero;
-    let tHi = zero;
+    let t = zero;
     let px = pbase;
     let pp = prm;
     let ps = pscratch;
@@ -252,62 +245,36 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
       const thr = v128.load32_splat(pp);
       let keep = i32x4.gt_s(key, thr);
       if (ties) keep = v128.or(keep, v128.and(i32x4.eq(key, thr), i32x4.lt_s(idx, v128.load32_splat(pp, 4))));
-      const kept = f32x4.mul(tau, v128.and(keep, one32));
-      const w = v128.load64_splat(pp, 8);
-      const vLo = f64x2.promote_low_f32x4(f32x4.demote_f64x2_zero(f64x2.mul(w, f64x2.promote_low_f32x4(kept))));
-      const vHi = f64x2.promote_low_f32x4(f32x4.demote_f64x2_zero(f64x2.mul(w, f64x2.promote_low_f32x4(hiToLo(kept)))));
-      v128.store(ps, vLo);
-      v128.store(ps, vHi, 16);
-      tLo = f64x2.add(tLo, vLo);
-      tHi = f64x2.add(tHi, vHi);
+      const kept = f32x4.mul(tau, v128.and(keep, one));
+      const v = f32x4.mul(v128.load32_splat(pp, 8), kept);
+      v128.store(ps, v);
+      t = f32x4.add(t, v);
       pp += PARAM_BYTES;
-      ps += 32;
+      ps += 16;
     }
-    let valLo: v128;
-    let valHi: v128;
+    let val: v128;
     if (consensus) {
-      const sLo = v128.bitselect(one, minusOne, f64x2.ge(tLo, zero));
-      const sHi = v128.bitselect(one, minusOne, f64x2.ge(tHi, zero));
-      let mLo = zero;
-      let mHi = zero;
-      let dLo = zero;
-      let dHi = zero;
+      const s = v128.bitselect(one, minusOne, f32x4.ge(t, zero));
+      let mixed = zero;
+      let div = zero;
       pp = prm;
       ps = pscratch;
       for (let k = 0; k < m; k++) {
-        const w = v128.load64_splat(pp, 8);
-        const vLo = v128.load(ps);
-        const vHi = v128.load(ps, 16);
-        const aLo = v128.and(f64x2.gt(f64x2.mul(vLo, sLo), zero), one);
-        const aHi = v128.and(f64x2.gt(f64x2.mul(vHi, sHi), zero), one);
-        mLo = f64x2.add(mLo, f64x2.mul(vLo, aLo));
-        mHi = f64x2.add(mHi, f64x2.mul(vHi, aHi));
-        dLo = f64x2.add(dLo, f64x2.mul(w, aLo));
-        dHi = f64x2.add(dHi, f64x2.mul(w, aHi));
+        const v = v128.load(ps);
+        const a = v128.and(f32x4.gt(f32x4.mul(v, s), zero), one);
+        mixed = f32x4.add(mixed, f32x4.mul(v, a));
+        div = f32x4.add(div, f32x4.mul(v128.load32_splat(pp, 8), a));
         pp += PARAM_BYTES;
-        ps += 32;
+        ps += 16;
       }
-      valLo = mLo;
-      valHi = mHi;
-      if (normalize) {
-        valLo = f64x2.div(valLo, v128.bitselect(one, dLo, f64x2.eq(dLo, zero)));
-        valHi = f64x2.div(valHi, v128.bitselect(one, dHi, f64x2.eq(dHi, zero)));
-      }
+      val = mixed;
+      if (normalize) val = f32x4.div(val, v128.bitselect(one, div, f32x4.eq(div, zero)));
     } else {
-      valLo = tLo;
-      valHi = tHi;
-      if (normalize) {
-        valLo = f64x2.div(valLo, vdiv);
-        valHi = f64x2.div(valHi, vdiv);
-      }
+      val = t;
+      if (normalize) val = f32x4.div(val, vdiv);
     }
-    if (scale) {
-      valLo = f64x2.mul(valLo, vlambda);
-      valHi = f64x2.mul(valHi, vlambda);
-    }
-    const oLo = f32x4.demote_f64x2_zero(f64x2.add(f64x2.promote_low_f32x4(b), valLo));
-    const oHi = f32x4.demote_f64x2_zero(f64x2.add(f64x2.promote_low_f32x4(hiToLo(b)), valHi));
-    const o = i8x16.shuffle(oLo, oHi, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    if (scale) val = f32x4.mul(val, vlambda);
+    const o = f32x4.add(b, val);
     if (outBf16) {
       const isNan = i32x4.gt_u(v128.and(o, abs), i32x4.splat(0x7f800000));
       const hi = i32x4.shr_u(o, 16);
@@ -327,7 +294,8 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
 // give finite task vectors and weighted values (checked by the caller from the magnitudes the
 // bracket pass saw): then tau · keep and v · agree equal masking with the keep / agree mask (a
 // zero of either sign adds nothing to a sum that starts at +0), and v · s > 0 equals
-// (v with its sign flipped where s = −1) > 0.
+// (v with its sign flipped where s = −1) > 0. The sums may overflow to ±Inf (never NaN), and
+// from there on both combines do the same operations.
 
 // @ts-ignore: decorator
 @inline function keptOf(px: usize, i: i32, b: v128, thr: v128, bf16: bool): v128 {
@@ -336,13 +304,8 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
 }
 
 // @ts-ignore: decorator
-@inline function weighted(kept: v128, w: v128): v128 {
-  return f64x2.promote_low_f32x4(f32x4.demote_f64x2_zero(f64x2.mul(w, f64x2.promote_low_f32x4(kept))));
-}
-
-// @ts-ignore: decorator
 @inline function agreeMask(v: v128, flip: v128): v128 {
-  return f64x2.gt(v128.xor(v, flip), f64x2.splat(0.0));
+  return f32x4.gt(v128.xor(v, flip), f32x4.splat(0.0));
 }
 
 // @ts-ignore: decorator
@@ -353,105 +316,77 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
   n: i32,
   prm: usize,
   flags: i32,
-  lambda: f64,
+  lambda: f32,
   pout: usize,
   bf16: bool,
   outBf16: bool,
 ): void {
   const normalize = (flags & 2) != 0;
   const scale = (flags & 4) != 0;
-  const one = f64x2.splat(1.0);
-  const zero = f64x2.splat(0.0);
-  const signBit = i64x2.splat(<i64>0x8000000000000000);
-  const vlambda = f64x2.splat(lambda);
+  const one = f32x4.splat(1.0);
+  const zero = f32x4.splat(0.0);
+  const signBit = i32x4.splat(<i32>0x80000000);
+  const vlambda = f32x4.splat(lambda);
   const t0 = v128.load32_splat(prm);
-  const w0 = v128.load64_splat(prm, 8);
+  const w0 = v128.load32_splat(prm, 8);
   const t1 = M > 1 ? v128.load32_splat(prm, 16) : t0;
-  const w1 = M > 1 ? v128.load64_splat(prm, 24) : w0;
+  const w1 = M > 1 ? v128.load32_splat(prm, 24) : w0;
   const t2 = M > 2 ? v128.load32_splat(prm, 32) : t0;
-  const w2 = M > 2 ? v128.load64_splat(prm, 40) : w0;
+  const w2 = M > 2 ? v128.load32_splat(prm, 40) : w0;
   const t3 = M > 3 ? v128.load32_splat(prm, 48) : t0;
-  const w3 = M > 3 ? v128.load64_splat(prm, 56) : w0;
+  const w3 = M > 3 ? v128.load32_splat(prm, 56) : w0;
   const p0 = pbase + stride;
   const p1 = p0 + stride;
   const p2 = p1 + stride;
   const p3 = p2 + stride;
   for (let i = 0; i < n; i += 4) {
     const b = load4(pbase, i, bf16);
-    const k0 = keptOf(p0, i, b, t0, bf16);
-    const v0l = weighted(k0, w0);
-    const v0h = weighted(hiToLo(k0), w0);
-    let tl = f64x2.add(zero, v0l);
-    let th = f64x2.add(zero, v0h);
-    let v1l = zero, v1h = zero, v2l = zero, v2h = zero, v3l = zero, v3h = zero;
+    // +0 + v0 differs from v0 only for −0, which the sign test reads as ≥ 0 either way.
+    const v0 = f32x4.mul(w0, keptOf(p0, i, b, t0, bf16));
+    let t = v0;
+    let v1 = zero, v2 = zero, v3 = zero;
     if (M > 1) {
-      const k1 = keptOf(p1, i, b, t1, bf16);
-      v1l = weighted(k1, w1);
-      v1h = weighted(hiToLo(k1), w1);
-      tl = f64x2.add(tl, v1l);
-      th = f64x2.add(th, v1h);
+      v1 = f32x4.mul(w1, keptOf(p1, i, b, t1, bf16));
+      t = f32x4.add(t, v1);
     }
     if (M > 2) {
-      const k2 = keptOf(p2, i, b, t2, bf16);
-      v2l = weighted(k2, w2);
-      v2h = weighted(hiToLo(k2), w2);
-      tl = f64x2.add(tl, v2l);
-      th = f64x2.add(th, v2h);
+      v2 = f32x4.mul(w2, keptOf(p2, i, b, t2, bf16));
+      t = f32x4.add(t, v2);
     }
     if (M > 3) {
-      const k3 = keptOf(p3, i, b, t3, bf16);
-      v3l = weighted(k3, w3);
-      v3h = weighted(hiToLo(k3), w3);
-      tl = f64x2.add(tl, v3l);
-      th = f64x2.add(th, v3h);
+      v3 = f32x4.mul(w3, keptOf(p3, i, b, t3, bf16));
+      t = f32x4.add(t, v3);
     }
-    // The elected sign is − where the total is not ≥ 0.
-    const fl = v128.andnot(signBit, f64x2.ge(tl, zero));
-    const fh = v128.andnot(signBit, f64x2.ge(th, zero));
-    let a = agreeMask(v0l, fl);
-    let ml = f64x2.add(zero, v128.and(v0l, a));
-    let dl = f64x2.add(zero, v128.and(w0, a));
-    a = agreeMask(v0h, fh);
-    let mh = f64x2.add(zero, v128.and(v0h, a));
-    let dh = f64x2.add(zero, v128.and(w0, a));
+    // The elected sign is − where the total is not ≥ 0. An agreeing value is never ±0, and a
+    // masked one is +0, so the sums need no +0 to start from.
+    const flip = v128.andnot(signBit, f32x4.ge(t, zero));
+    let a = agreeMask(v0, flip);
+    let mixed = v128.and(v0, a);
+    let div = v128.and(w0, a);
     if (M > 1) {
-      a = agreeMask(v1l, fl);
-      ml = f64x2.add(ml, v128.and(v1l, a));
-      dl = f64x2.add(dl, v128.and(w1, a));
-      a = agreeMask(v1h, fh);
-      mh = f64x2.add(mh, v128.and(v1h, a));
-      dh = f64x2.add(dh, v128.and(w1, a));
+      a = agreeMask(v1, flip);
+      mixed = f32x4.add(mixed, v128.and(v1, a));
+      div = f32x4.add(div, v128.and(w1, a));
     }
     if (M > 2) {
-      a = agreeMask(v2l, fl);
-      ml = f64x2.add(ml, v128.and(v2l, a));
-      dl = f64x2.add(dl, v128.and(w2, a));
-      a = agreeMask(v2h, fh);
-      mh = f64x2.add(mh, v128.and(v2h, a));
-      dh = f64x2.add(dh, v128.and(w2, a));
+      a = agreeMask(v2, flip);
+      mixed = f32x4.add(mixed, v128.and(v2, a));
+      div = f32x4.add(div, v128.and(w2, a));
     }
     if (M > 3) {
-      a = agreeMask(v3l, fl);
-      ml = f64x2.add(ml, v128.and(v3l, a));
-      dl = f64x2.add(dl, v128.and(w3, a));
-      a = agreeMask(v3h, fh);
-      mh = f64x2.add(mh, v128.and(v3h, a));
-      dh = f64x2.add(dh, v128.and(w3, a));
+      a = agreeMask(v3, flip);
+      mixed = f32x4.add(mixed, v128.and(v3, a));
+      div = f32x4.add(div, v128.and(w3, a));
     }
-    if (normalize) {
-      ml = f64x2.div(ml, v128.bitselect(one, dl, f64x2.eq(dl, zero)));
-      mh = f64x2.div(mh, v128.bitselect(one, dh, f64x2.eq(dh, zero)));
-    }
-    if (scale) {
-      ml = f64x2.mul(ml, vlambda);
-      mh = f64x2.mul(mh, vlambda);
-    }
-    const oLo = f32x4.demote_f64x2_zero(f64x2.add(f64x2.promote_low_f32x4(b), ml));
-    const oHi = f32x4.demote_f64x2_zero(f64x2.add(f64x2.promote_low_f32x4(hiToLo(b)), mh));
-    const o = i8x16.shuffle(oLo, oHi, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    if (normalize) mixed = f32x4.div(mixed, v128.bitselect(one, div, f32x4.eq(div, zero)));
+    if (scale) mixed = f32x4.mul(mixed, vlambda);
+    const o = f32x4.add(b, mixed);
     if (outBf16) {
-      // Finite inputs give no NaN result (m / d with d ≠ 0, plus the base), so no NaN case.
-      const h = i32x4.shr_u(i32x4.add(i32x4.add(o, i32x4.splat(0x7fff)), v128.and(i32x4.shr_u(o, 16), i32x4.splat(1))), 16);
+      // NaN only from an overflowed sum (Inf / Inf, Inf · 0): quieted with its sign as in `combineImpl`.
+      const isNan = i32x4.gt_u(v128.and(o, i32x4.splat(ABS)), i32x4.splat(0x7f800000));
+      const hi = i32x4.shr_u(o, 16);
+      const rounded = i32x4.shr_u(i32x4.add(i32x4.add(o, i32x4.splat(0x7fff)), v128.and(hi, i32x4.splat(1))), 16);
+      const h = v128.bitselect(v128.or(v128.and(hi, i32x4.splat(0x8000)), i32x4.splat(0x7fc0)), rounded, isNan);
       v128.store64_lane(pout + (<usize>i << 1), i16x8.narrow_i32x4_u(h, h), 0);
     } else {
       v128.store(pout + (<usize>i << 2), o);
@@ -460,7 +395,7 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
 }
 
 // @ts-ignore: decorator
-@inline function fastDtypes(M: i32, pbase: usize, stride: usize, n: i32, prm: usize, flags: i32, lambda: f64, pout: usize): void {
+@inline function fastDtypes(M: i32, pbase: usize, stride: usize, n: i32, prm: usize, flags: i32, lambda: f32, pout: usize): void {
   const bf16 = (flags & 8) != 0;
   const outBf16 = (flags & 16) != 0;
   if (bf16) {
@@ -476,7 +411,7 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
  * `combine` with sign consensus for 1 to 4 models, no ties rule and values known to stay finite
  * (see above); same parameters and flags (1, 32 and 64 are ignored).
  */
-export function combineFinite(pbase: usize, stride: usize, m: i32, n: i32, prm: usize, flags: i32, lambda: f64, pout: usize): void {
+export function combineFinite(pbase: usize, stride: usize, m: i32, n: i32, prm: usize, flags: i32, lambda: f32, pout: usize): void {
   if (m == 1) fastDtypes(1, pbase, stride, n, prm, flags, lambda, pout);
   else if (m == 2) fastDtypes(2, pbase, stride, n, prm, flags, lambda, pout);
   else if (m == 3) fastDtypes(3, pbase, stride, n, prm, flags, lambda, pout);
@@ -486,9 +421,10 @@ export function combineFinite(pbase: usize, stride: usize, m: i32, n: i32, prm: 
 /**
  * The weighted, sparsified combine of `m` models onto the base for `n` values (a multiple of 4).
  * Per model, `prm + 16k` holds the keep rule (thr: keys above it are kept; cut: with flag 64, a
- * key equal to thr is kept below this chunk-relative index) and the weight (f64 at +8). flags:
- * 1 sign consensus, 2 normalize, 4 scale by lambda, 8 BF16 input (else F32), 16 BF16 output (else
- * F32), 32 note NaN inputs, 64 apply the ties rule. `pscratch` holds 32 bytes per model.
+ * key equal to thr is kept below this chunk-relative index) and the float32 weight (at +8).
+ * flags: 1 sign consensus, 2 normalize, 4 scale by lambda, 8 BF16 input (else F32), 16 BF16
+ * output (else F32), 32 note NaN inputs, 64 apply the ties rule. `pscratch` holds 16 bytes per
+ * model. All arithmetic is float32 (`lambda` and `scalarDiv` are float32 values).
  */
 export function combine(
   pbase: usize,
@@ -497,8 +433,8 @@ export function combine(
   n: i32,
   prm: usize,
   flags: i32,
-  lambda: f64,
-  scalarDiv: f64,
+  lambda: f32,
+  scalarDiv: f32,
   pout: usize,
   pscratch: usize,
 ): void {

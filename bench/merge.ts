@@ -47,6 +47,9 @@ const HELP = `usage: npm run bench -- merge [options]
                     peak RSS is the largest of all runs (default 2)
   --regen           regenerate the checkpoints even if valid ones exist
   --keep-output     keep the merged model (default: removed after the run)
+  --cache <mode>    warm: inputs in the page cache (read from RAM); cold: every input file is
+                    dropped from the page cache before each timed cat and each merge (read from
+                    disk; needs Linux and GNU dd); both (default)
   --check-kernels <n>  instead of the benchmark: compare the fused merge kernel (WebAssembly and
                     TypeScript) with the unfused pipeline (taskVector, sparsify, combineTaskVectors)
                     on n random cases, bit for bit
@@ -258,6 +261,23 @@ function tiesConfig(): string {
 // ---------------------------------------------------------------------------------------------
 // Measurements
 
+/**
+ * Drops the files' pages from the page cache (posix_fadvise DONTNEED through GNU dd's
+ * `iflag=nocache`), so that the next read comes from the disk. Resolves false where that is not
+ * available.
+ */
+async function dropFromCache(files: readonly string[]): Promise<boolean> {
+  for (const f of files) {
+    const ok = await new Promise<boolean>((resolvePromise) => {
+      const p = spawn('dd', [`if=${f}`, 'iflag=nocache', 'count=0', 'status=none'], { stdio: 'ignore' });
+      p.on('error', () => resolvePromise(false));
+      p.on('exit', (code) => resolvePromise(code === 0));
+    });
+    if (!ok) return false;
+  }
+  return true;
+}
+
 /** Wall time of `cat files... > /dev/null`, in seconds (process start-up included). */
 function timeCat(files: string[]): Promise<number> {
   return new Promise((resolvePromise, reject) => {
@@ -375,10 +395,14 @@ function spawnMerge(configPath: string, outDir: string, jobs: number | undefined
 /**
  * TIES as mergekit defines it (merge-methods.md §3), written plainly and independently of the
  * library's kernels: task vectors in float32, the top ⌊density·n⌋ magnitudes by a full sort (ties
- * by lower index), sign election on the weighted sum, the weighted mean over agreeing models.
+ * by lower index), then mergekit's float32 arithmetic in its order: v = w·τ, sign election on
+ * the sum, the sums of agreeing values and weights, the division and base + mixed, each rounded
+ * to float32.
  */
 function referenceTies(base: Float32Array, xs: readonly Float32Array[], weights: readonly number[], density: number): Float32Array {
   const n = base.length;
+  const f = Math.fround;
+  const wf = weights.map(f);
   const deltas = xs.map((x) => {
     const d = new Float32Array(n);
     for (let i = 0; i < n; i++) d[i] = x[i]! - base[i]!;
@@ -392,17 +416,17 @@ function referenceTies(base: Float32Array, xs: readonly Float32Array[], weights:
   const out = new Float32Array(n);
   for (let i = 0; i < n; i++) {
     let total = 0;
-    for (let m = 0; m < deltas.length; m++) total += Math.fround(weights[m]! * deltas[m]![i]!);
+    for (let m = 0; m < deltas.length; m++) total = f(total + f(wf[m]! * deltas[m]![i]!));
     const sign = total >= 0 ? 1 : -1;
     let mixed = 0;
     let divisor = 0;
     for (let m = 0; m < deltas.length; m++) {
-      const v = Math.fround(weights[m]! * deltas[m]![i]!);
+      const v = f(wf[m]! * deltas[m]![i]!);
       const agree = +(v * sign > 0);
-      mixed += v * agree;
-      divisor += weights[m]! * agree;
+      mixed = f(mixed + v * agree);
+      divisor = f(divisor + wf[m]! * agree);
     }
-    out[i] = base[i]! + mixed / (divisor === 0 ? 1 : divisor);
+    out[i] = base[i]! + f(mixed / (divisor === 0 ? 1 : divisor));
   }
   return out;
 }
@@ -548,6 +572,7 @@ export async function run(args: string[]): Promise<void> {
       repeats: { type: 'string' },
       regen: { type: 'boolean' },
       'keep-output': { type: 'boolean' },
+      cache: { type: 'string' },
       'check-kernels': { type: 'string' },
       'child-config': { type: 'string' },
       'child-out': { type: 'string' },
@@ -579,6 +604,10 @@ export async function run(args: string[]): Promise<void> {
   const shardBytes = Math.round(positive('shard-mb', values['shard-mb'], 500) * 1e6);
   const seed = positive('seed', values.seed, 1, true);
   const repeats = positive('repeats', values.repeats, 2, true);
+  const cacheMode = values.cache ?? 'both';
+  if (cacheMode !== 'warm' && cacheMode !== 'cold' && cacheMode !== 'both') {
+    throw Object.assign(new Error(`--cache must be warm, cold or both, got ${JSON.stringify(cacheMode)}`), { usage: true });
+  }
 
   const { specs, layers } = llamaSpecs(sizeBytes);
   const dataBytes = specBytes(specs);
@@ -606,33 +635,61 @@ export async function run(args: string[]): Promise<void> {
   for (const s of specs) largest = Math.max(largest, numel(s.shape) * 4);
   const rssBound = (MODELS.length + 3) * largest + SLACK_BYTES;
 
-  log('  warming the page cache');
-  await timeCat(files);
-  await timeCat(files);
-  const catRuns = [await timeCat(files), await timeCat(files)];
-
-  const merges: ChildResult[] = [];
-  for (let r = 0; r < repeats; r++) {
-    await rm(outDir, { recursive: true, force: true });
-    const res = await spawnMerge(configPath, outDir, jobs);
-    merges.push(res);
-    log(`  merge ${r + 1}/${repeats}: ${res.seconds.toFixed(2)} s (${res.jobs} jobs, CPU ${(res.userSeconds + res.systemSeconds).toFixed(1)} s), peak RSS ${fmtBytes(res.peakRss)}`);
+  interface Scenario {
+    cache: 'warm' | 'cold';
+    catRuns: number[];
+    merges: ChildResult[];
   }
+  const scenarios: Scenario[] = [];
+  const modes: ('warm' | 'cold')[] = cacheMode === 'both' ? ['warm', 'cold'] : [cacheMode];
+  let coldSkipped = false;
+  for (const cache of modes) {
+    const scenario: Scenario = { cache, catRuns: [], merges: [] };
+    if (cache === 'warm') {
+      log('  page cache warm: warming it with two cat runs');
+      await timeCat(files);
+      await timeCat(files);
+    } else if (!(await dropFromCache(files))) {
+      log('  page cache cold: cannot drop files from the page cache here (needs Linux and GNU dd); skipped');
+      coldSkipped = true;
+      continue;
+    } else {
+      log('  page cache cold: each input file is dropped from the page cache before every timed cat and merge');
+    }
+    const prepare = async () => {
+      if (cache === 'cold') await dropFromCache(files);
+    };
+    for (let r = 0; r < 2; r++) {
+      await prepare();
+      scenario.catRuns.push(await timeCat(files));
+    }
+    for (let r = 0; r < repeats; r++) {
+      await rm(outDir, { recursive: true, force: true });
+      await prepare();
+      const res = await spawnMerge(configPath, outDir, jobs);
+      scenario.merges.push(res);
+      log(`  ${cache} merge ${r + 1}/${repeats}: ${res.seconds.toFixed(2)} s (${res.jobs} jobs, CPU ${(res.userSeconds + res.systemSeconds).toFixed(1)} s), peak RSS ${fmtBytes(res.peakRss)}; cat ${scenario.catRuns.map((c) => c.toFixed(2)).join(', ')} s`);
+    }
+    scenarios.push(scenario);
+  }
+  if (scenarios.length === 0) throw new Error('nothing was measured: the cold page cache is not available here; use --cache warm');
   const outBytes = await weightBytes(outDir);
   const writeRuns = [await timeWrite(join(dir, '.floor-write.tmp'), outBytes), await timeWrite(join(dir, '.floor-write.tmp'), outBytes)];
   log('  checking three output tensors against a plain reference TIES');
   await verifyOutput(dir, outDir, ['model.layers.0.self_attn.k_proj.weight', 'model.norm.weight', `model.layers.${layers - 1}.self_attn.v_proj.weight`]);
   if (!values['keep-output']) await rm(outDir, { recursive: true, force: true });
 
-  const best = merges.reduce((a, b) => (b.seconds < a.seconds ? b : a));
-  const peakRss = Math.max(...merges.map((m) => m.peakRss));
-  const cat = Math.min(...catRuns);
   const write = Math.min(...writeRuns);
-  const floor = cat + write;
-  const ratio = best.seconds / floor;
-  const speedOk = ratio <= 1.5;
+  const results = scenarios.map((sc) => {
+    const best = sc.merges.reduce((a, b) => (b.seconds < a.seconds ? b : a));
+    const cat = Math.min(...sc.catRuns);
+    const floor = cat + write;
+    const ratio = best.seconds / floor;
+    return { ...sc, best, cat, floor, ratio, speedOk: ratio <= 1.5, cpu: best.userSeconds + best.systemSeconds };
+  });
+  const allMerges = scenarios.flatMap((sc) => sc.merges);
+  const peakRss = Math.max(...allMerges.map((m) => m.peakRss));
   const memOk = peakRss <= rssBound;
-  const cpu = best.userSeconds + best.systemSeconds;
   const kernels = wasmKernelsAvailable() ? 'WebAssembly SIMD (dist/merge/merge-kernels.wasm)' : 'TypeScript (the WebAssembly kernels are not built: npm run build:wasm)';
 
   if (json) {
@@ -648,11 +705,17 @@ export async function run(args: string[]): Promise<void> {
           kernels: wasmKernelsAvailable() ? 'wasm' : 'typescript',
           cores: availableParallelism(),
           loadAverage1m: loadavg()[0],
-          merge: { seconds: best.seconds, runs: merges.map((m) => m.seconds), processSeconds: best.processSeconds, jobs: best.jobs, userSeconds: best.userSeconds, systemSeconds: best.systemSeconds, outBytes },
-          floor: { seconds: floor, catSeconds: cat, catRuns, writeSeconds: write, writeRuns, writeBytes: outBytes },
-          ratio,
-          memory: { peakRss, bound: rssBound, largestTensorF32: largest, inputs: MODELS.length, slack: SLACK_BYTES, executorBudget: best.memoryBudget, peakInFlightBytes: best.peakInFlightBytes },
-          pass: { speed: speedOk, memory: memOk },
+          write: { seconds: write, runs: writeRuns, bytes: outBytes },
+          coldSkipped,
+          scenarios: results.map((r) => ({
+            cache: r.cache,
+            merge: { seconds: r.best.seconds, runs: r.merges.map((m) => m.seconds), processSeconds: r.best.processSeconds, jobs: r.best.jobs, userSeconds: r.best.userSeconds, systemSeconds: r.best.systemSeconds, outBytes },
+            floor: { seconds: r.floor, catSeconds: r.cat, catRuns: r.catRuns, writeSeconds: write, writeBytes: outBytes },
+            ratio: r.ratio,
+            pass: r.speedOk,
+          })),
+          memory: { peakRss, bound: rssBound, largestTensorF32: largest, inputs: MODELS.length, slack: SLACK_BYTES, executorBudget: results[0]!.best.memoryBudget, peakInFlightBytes: Math.max(...allMerges.map((m) => m.peakInFlightBytes)) },
+          pass: { speed: Object.fromEntries(results.map((r) => [r.cache, r.speedOk])), memory: memOk },
         },
         null,
         2,
@@ -662,11 +725,17 @@ export async function run(args: string[]): Promise<void> {
   }
 
   console.log('');
-  console.log(`inputs: ${MODELS.length} models x ${fmtBytes(dataBytes)} BF16 (${files.length} files, ${fmtBytes(inputBytes)}); page cache warm; ${availableParallelism()} cores; load average ${loadavg()[0]!.toFixed(2)}`);
+  console.log(`inputs: ${MODELS.length} models x ${fmtBytes(dataBytes)} BF16 (${files.length} files, ${fmtBytes(inputBytes)}); ${availableParallelism()} cores; load average ${loadavg()[0]!.toFixed(2)}`);
   console.log(`kernels: ${kernels}`);
-  console.log(`merge (runMerge in a child process, ${best.jobs} jobs)   ${best.seconds.toFixed(3)} s${repeats > 1 ? ` (best of ${repeats}: ${merges.map((m) => m.seconds.toFixed(2)).join(', ')})` : ''}; CPU ${cpu.toFixed(1)} s (${(cpu / best.seconds).toFixed(2)} cores busy)`);
-  console.log(`I/O floor                                  ${floor.toFixed(3)} s = cat inputs > /dev/null ${cat.toFixed(3)} s + write ${fmtBytes(outBytes)} + fsync ${write.toFixed(3)} s (best of 2 each)`);
-  console.log(`ratio merge / floor                        ${ratio.toFixed(2)}  (bar <= 1.5: ${speedOk ? 'PASS' : 'FAIL'})`);
+  console.log(`write floor: ${fmtBytes(outBytes)} written + fsync ${write.toFixed(3)} s (best of 2)`);
+  for (const r of results) {
+    const where = r.cache === 'warm' ? 'page cache warm (inputs read from RAM)' : 'page cache cold (inputs read from disk)';
+    console.log(`${where}:`);
+    console.log(`  merge (runMerge in a child process, ${r.best.jobs} jobs)   ${r.best.seconds.toFixed(3)} s${repeats > 1 ? ` (best of ${repeats}: ${r.merges.map((m) => m.seconds.toFixed(2)).join(', ')})` : ''}; CPU ${r.cpu.toFixed(1)} s (${(r.cpu / r.best.seconds).toFixed(2)} cores busy)`);
+    console.log(`  I/O floor                                  ${r.floor.toFixed(3)} s = cat inputs > /dev/null ${r.cat.toFixed(3)} s + write and fsync ${write.toFixed(3)} s`);
+    console.log(`  ratio merge / floor                        ${r.ratio.toFixed(2)}  (bar <= 1.5: ${r.speedOk ? 'PASS' : 'FAIL'})`);
+  }
+  if (coldSkipped) console.log('page cache cold: not measured (cannot drop files from the page cache here)');
   console.log(`peak RSS of the merge process              ${fmtBytes(peakRss)}`);
   console.log(`bound (${MODELS.length} inputs + 3) x ${fmtBytes(largest)} + 300 MB     ${fmtBytes(rssBound)}  (${memOk ? 'PASS' : 'FAIL'})`);
 }

@@ -65,8 +65,19 @@ export function checkDensity(density: number, tensorName: string, model: string)
 }
 
 /**
+ * mergekit's divisor without sign consensus: the float32 sum of the float32 weights, in model
+ * order; 1 where its magnitude is below 1e-8 (compared in float32, as torch does).
+ */
+export function scalarDivisorOf(weights: readonly number[]): number {
+  let sum = 0;
+  for (const w of weights) sum = Math.fround(sum + Math.fround(w));
+  return Math.abs(sum) < Math.fround(1e-8) ? 1 : sum;
+}
+
+/**
  * Combines weighted, sparsified task vectors onto the base (steps 3–6 of §3.1). `weights[m]`
- * pairs with `deltas[m]`.
+ * pairs with `deltas[m]`. Every operation is float32, element by element in mergekit's order:
+ * v = w·τ, the sums over models in model order from +0, the division, λ and base + mixed.
  */
 export function combineTaskVectors(
   base: Float32Array,
@@ -79,20 +90,21 @@ export function combineTaskVectors(
   const n = base.length;
   const m = deltas.length;
   const out = new Float32Array(n);
-  let scalarDivisor = 0;
-  for (const w of weights) scalarDivisor += w;
-  if (Math.abs(scalarDivisor) < 1e-8) scalarDivisor = 1;
-  // Model-major passes over blocks keep the inner loops monomorphic.
+  const wf = weights.map((w) => Math.fround(w));
+  const lam = Math.fround(lambda);
+  const scalarDivisor = scalarDivisorOf(weights);
+  // Model-major passes over blocks keep the inner loops monomorphic. Float32Array stores round
+  // each float64 result to float32; for +, ·, / of float32 operands that equals the float32 op.
   const B = Math.min(n, COMBINE_BLOCK);
-  const total = new Float64Array(B);
-  const mixed = new Float64Array(B);
-  const divisor = new Float64Array(B);
+  const total = new Float32Array(B);
+  const mixed = new Float32Array(B);
+  const divisor = new Float32Array(B);
   for (let start = 0; start < n; start += B) {
     const len = Math.min(B, n - start);
     total.fill(0);
     for (let k = 0; k < m; k++) {
       const d = deltas[k];
-      const w = weights[k];
+      const w = wf[k];
       for (let j = 0; j < len; j++) total[j] += Math.fround(w * d[start + j]);
     }
     if (consensus === 'sum') {
@@ -102,7 +114,7 @@ export function combineTaskVectors(
       divisor.fill(0);
       for (let k = 0; k < m; k++) {
         const d = deltas[k];
-        const w = weights[k];
+        const w = wf[k];
         for (let j = 0; j < len; j++) {
           const v = Math.fround(w * d[start + j]);
           const agree = +(v * total[j] > 0);
@@ -112,15 +124,15 @@ export function combineTaskVectors(
       }
       for (let j = 0; j < len; j++) {
         let v = mixed[j];
-        if (normalize) v /= divisor[j] === 0 ? 1 : divisor[j];
-        if (lambda !== 1) v *= lambda;
+        if (normalize) v = Math.fround(v / (divisor[j] === 0 ? 1 : divisor[j]));
+        if (lam !== 1) v = Math.fround(v * lam);
         out[start + j] = base[start + j] + v;
       }
     } else {
       for (let j = 0; j < len; j++) {
         let v = total[j];
-        if (normalize) v /= scalarDivisor;
-        if (lambda !== 1) v *= lambda;
+        if (normalize) v = Math.fround(v / scalarDivisor);
+        if (lam !== 1) v = Math.fround(v * lam);
         out[start + j] = base[start + j] + v;
       }
     }
@@ -283,10 +295,10 @@ export function makeGtaMethod(v: GtaVariant): MergeMethod {
 // Task vectors, the magnitude top-k, the weighting and the combine, streamed in chunks straight
 // from the stored values (float32, or the bits of BF16 / F16; in memory, or read from a file
 // chunk by chunk), with no task vector, key or mask array per model. Element by element it does
-// the same float32/float64 arithmetic as `taskVector`, `sparsify` ('magnitude' without rescale)
-// and `combineTaskVectors`, so the results are identical. The chunk passes run in WebAssembly
-// SIMD (assembly/merge.ts, built by `npm run build:wasm`) where the module is built and the
-// dtypes suit it, in TypeScript otherwise.
+// the same float32 arithmetic as `taskVector`, `sparsify` ('magnitude' without rescale) and
+// `combineTaskVectors`, in the same order, so the results are identical. The chunk passes run
+// in WebAssembly SIMD (assembly/merge.ts, built by `npm run build:wasm`) where the module is
+// built and the dtypes suit it, in TypeScript otherwise.
 //
 // The top-k keep rule of one model is a threshold key `thr` and an index cut `cut`: element j is
 // kept when key(j) > thr, or key(j) = thr and j < cut (ties by lower flat index, as `topKMask`).
@@ -392,7 +404,7 @@ class KeyList {
   }
 }
 
-/** Combine settings, per active model. */
+/** Combine settings, per active model. Weights, lambda and the divisor are float32 values. */
 interface CombineSettings {
   thr: Float64Array;
   cut: Float64Array;
@@ -400,8 +412,9 @@ interface CombineSettings {
   consensus: boolean;
   normalize: boolean;
   lambda: number;
+  /** The divisor without consensus (`scalarDivisorOf` over all models, zeroed ones included). */
   scalarDivisor: number;
-  /** Every task vector and weighted value is finite (see `finiteBound`). */
+  /** Every task vector and weighted value is finite (see `runFused`). */
   finite: boolean;
 }
 
@@ -719,7 +732,7 @@ function bucketOf(keys: Int32Array, len: number, b: number, low: Uint32Array, in
 
 /**
  * One model's weighted, sparsified task vector: v = fround(w · (tau · keep)) with the keep rule
- * (thr, cut); adds v to `total`.
+ * (thr, cut) and the float32 weight w; adds v to `total` (float32).
  */
 function weightedKept(
   x: Float32Array,
@@ -727,7 +740,7 @@ function weightedKept(
   tau: Float32Array,
   bits: Int32Array,
   v: Float32Array,
-  total: Float64Array,
+  total: Float32Array,
   w: number,
   thr: number,
   cut: number,
@@ -745,12 +758,12 @@ function weightedKept(
   }
 }
 
-function electSigns(total: Float64Array, len: number): void {
+function electSigns(total: Float32Array, len: number): void {
   // +1 where total ≥ 0, else −1 (NaN included).
   for (let j = 0; j < len; j++) total[j] = 2 * +(total[j]! >= 0) - 1;
 }
 
-function agreeing(v: Float32Array, sign: Float64Array, mixed: Float64Array, divisor: Float64Array, w: number, len: number): void {
+function agreeing(v: Float32Array, sign: Float32Array, mixed: Float32Array, divisor: Float32Array, w: number, len: number): void {
   for (let j = 0; j < len; j++) {
     const val = v[j]!;
     const agree = +(val * sign[j]! > 0);
@@ -759,21 +772,21 @@ function agreeing(v: Float32Array, sign: Float64Array, mixed: Float64Array, divi
   }
 }
 
-function finishConsensus(base: Float32Array, mixed: Float64Array, divisor: Float64Array, out: Float32Array, normalize: boolean, lambda: number, len: number): void {
+function finishConsensus(base: Float32Array, mixed: Float32Array, divisor: Float32Array, out: Float32Array, normalize: boolean, lambda: number, len: number): void {
   for (let j = 0; j < len; j++) {
     let val = mixed[j]!;
     // A divisor of ±0 becomes 1: d + (d === 0) is d elsewhere.
-    if (normalize) val /= divisor[j]! + +(divisor[j] === 0);
-    if (lambda !== 1) val *= lambda;
+    if (normalize) val = Math.fround(val / (divisor[j]! + +(divisor[j] === 0)));
+    if (lambda !== 1) val = Math.fround(val * lambda);
     out[j] = base[j]! + val;
   }
 }
 
-function finishSum(base: Float32Array, total: Float64Array, out: Float32Array, divisor: number, normalize: boolean, lambda: number, len: number): void {
+function finishSum(base: Float32Array, total: Float32Array, out: Float32Array, divisor: number, normalize: boolean, lambda: number, len: number): void {
   for (let j = 0; j < len; j++) {
     let val = total[j]!;
-    if (normalize) val /= divisor;
-    if (lambda !== 1) val *= lambda;
+    if (normalize) val = Math.fround(val / divisor);
+    if (lambda !== 1) val = Math.fround(val * lambda);
     out[j] = base[j]! + val;
   }
 }
@@ -787,9 +800,9 @@ class JsKernel implements Kernel {
   private readonly hists: Uint32Array[] = [];
   private readonly lows: Uint32Array[] = [];
   private readonly v: Float32Array[];
-  private readonly total = new Float64Array(CHUNK);
-  private readonly mixed = new Float64Array(CHUNK);
-  private readonly divisor = new Float64Array(CHUNK);
+  private readonly total = new Float32Array(CHUNK);
+  private readonly mixed = new Float32Array(CHUNK);
+  private readonly divisor = new Float32Array(CHUNK);
   private readonly outChunk = f32Chunk(CHUNK);
   private readonly outBits: Int32Array | null;
 
@@ -965,7 +978,7 @@ class WasmKernel implements Kernel {
   private readonly track: boolean;
   private mem!: Buffer;
   private i32!: Int32Array;
-  private f64!: Float64Array;
+  private f32!: Float32Array;
   private readonly hists = new Set<number>();
   private readonly lows = new Set<number>();
   /** The values [rs, re) are in every slot marked valid; `off` is the loaded chunk's byte offset in a slot. */
@@ -1006,7 +1019,7 @@ class WasmKernel implements Kernel {
     const sab = state.memory.buffer;
     this.mem = Buffer.from(sab);
     this.i32 = new Int32Array(sab);
-    this.f64 = new Float64Array(sab);
+    this.f32 = new Float32Array(sab);
     state.exports.clearNaN();
   }
 
@@ -1114,7 +1127,7 @@ class WasmKernel implements Kernel {
     const M = s.weights.length;
     const len4 = (len + 3) & ~3;
     let ties = false;
-    // Per model: thr (i32), the chunk-relative cut (i32), the weight (f64).
+    // Per model: thr (i32), the chunk-relative cut (i32), the weight (f32), 4 bytes unused.
     for (let m = 0; m < M; m++) {
       const p = this.pParams + m * 16;
       const thr = s.thr[m]!;
@@ -1124,7 +1137,7 @@ class WasmKernel implements Kernel {
       ties ||= inside;
       this.i32[p >>> 2] = inside || cut <= 0 || thr < 0 ? thr : thr - 1;
       this.i32[(p >>> 2) + 1] = inside ? cut : -1;
-      this.f64[(p + 8) >>> 3] = s.weights[m]!;
+      this.f32[(p + 8) >>> 2] = s.weights[m]!;
     }
     const flags =
       (s.consensus ? 1 : 0) |
@@ -1209,22 +1222,20 @@ function runFused(kernel: Kernel, n: number, active: readonly FusedGtaModel[], o
   }
   // The bracket pass read every input when every model has a top-k: if their magnitudes stay
   // below 2^126, each task vector is below 2^127 (finite), and the weighted values are finite
-  // when |w| · 2 · max < FLT_MAX.
+  // when |w| · 2 · max < FLT_MAX. (Their float32 sums may still overflow to ±Inf, never to NaN;
+  // the masked combine computes those exactly as the general one.)
   let maxWeight = 0;
-  for (const m of active) maxWeight = Math.max(maxWeight, Math.abs(m.weight));
+  for (const m of active) maxWeight = Math.max(maxWeight, Math.abs(Math.fround(m.weight)));
   const maxIn = bracketed && kKeep.size === M ? kernel.maxInput() : Infinity;
   const finite = maxIn < 2 ** 126 && maxWeight * 2 * maxIn < FLT_MAX;
-  let scalarDivisor = 0;
-  for (const m of o.models) scalarDivisor += m.weight;
-  if (Math.abs(scalarDivisor) < 1e-8) scalarDivisor = 1;
   const settings: CombineSettings = {
     thr,
     cut,
-    weights: active.map((m) => m.weight),
+    weights: active.map((m) => Math.fround(m.weight)),
     consensus: o.consensus === 'sum',
     normalize: o.normalize,
-    lambda: o.lambda,
-    scalarDivisor,
+    lambda: Math.fround(o.lambda),
+    scalarDivisor: scalarDivisorOf(o.models.map((m) => m.weight)),
     finite,
   };
   const all = active.map((_, i) => i);
