@@ -503,6 +503,168 @@ function weightsFor(rng: Rng, n: number): Float64Array {
   return Float64Array.from({ length: n }, () => rng.normal());
 }
 
+describe('row-wise kernels on large resident operands: wasm equals reference', () => {
+  // The WebAssembly row-wise kernels run only for operands of at least 4096 values that live in
+  // the backend's memory (as a model's activations do); smaller or foreign arrays take the
+  // TypeScript path tested above. Sizes here are above that, odd where the op allows.
+
+  /** A resident copy of `src` (asserted resident, so that the kernel path is the one tested). */
+  function resident(be: WasmBackend, src: Float32Array): Float32Array {
+    const a = be.allocate(src.length);
+    assert.ok(be.isResident(a), 'allocate returned a buffer outside WebAssembly memory');
+    a.set(src);
+    return a;
+  }
+
+  function backends(): [string, WasmBackend][] {
+    return [
+      ['2 threads', fast],
+      ['1 thread', single],
+      ['3 threads', split3],
+    ];
+  }
+
+  test('add, in place included', () => {
+    const rng = new Rng(31);
+    for (const n of [4096, 4099, 10007, 65537]) {
+      const a = rand(rng, n);
+      const b = rand(rng, n);
+      const r = new Float32Array(n);
+      ref.add(a, b, r, n);
+      for (const [name, be] of backends()) {
+        const ra = resident(be, a);
+        const rb = resident(be, b);
+        const out = resident(be, new Float32Array(n));
+        be.add(ra, rb, out, n);
+        assertClose(out, r, `add ${n} (${name})`);
+        be.add(ra, rb, ra, n);
+        assertClose(ra, r, `add in place ${n} (${name})`);
+        for (const x of [ra, rb, out]) be.release(x);
+      }
+    }
+  });
+
+  test('rmsnorm forward and backward', () => {
+    const rng = new Rng(32);
+    for (const [rows, dim] of [
+      [64, 64],
+      [63, 67],
+      [9, 1001],
+      [300, 17],
+    ] as const) {
+      const n = rows * dim;
+      const x = rand(rng, n, 2);
+      const w = rand(rng, dim);
+      const dy = rand(rng, n);
+      const dw0 = rand(rng, dim);
+      const outR = new Float32Array(n);
+      const invR = new Float32Array(rows);
+      ref.rmsnorm(x, w, outR, rows, dim, 1e-5, invR);
+      const dxR = new Float32Array(n);
+      const dwR = dw0.slice();
+      ref.rmsnormBackward(x, w, invR, dy, dxR, dwR, rows, dim, 1e-5);
+      for (const [name, be] of backends()) {
+        const rx = resident(be, x);
+        const out = resident(be, new Float32Array(n));
+        const inv = new Float32Array(rows);
+        be.rmsnorm(rx, w, out, rows, dim, 1e-5, inv);
+        assertClose(out, outR, `rmsnorm ${rows}x${dim} (${name})`);
+        assertClose(inv, invR, `rmsnorm invRms ${rows}x${dim} (${name})`);
+        const rdy = resident(be, dy);
+        const dx = resident(be, new Float32Array(n));
+        const dw = dw0.slice();
+        be.rmsnormBackward(rx, w, inv, rdy, dx, dw, rows, dim, 1e-5);
+        assertClose(dx, dxR, `rmsnorm dx ${rows}x${dim} (${name})`);
+        assertClose(dw, dwR, `rmsnorm dWeight ${rows}x${dim} (${name})`);
+        for (const a of [rx, out, rdy, dx]) be.release(a);
+      }
+    }
+  });
+
+  test('rope forward and backward, with and without positions', () => {
+    const rng = new Rng(33);
+    for (const [tokens, heads, headDim] of [
+      [37, 5, 64],
+      [171, 3, 8],
+      [16, 4, 66],
+    ] as const) {
+      const { cos, sin } = ropeTables(200, headDim);
+      const n = tokens * heads * headDim;
+      const x = rand(rng, n);
+      const positions = Int32Array.from({ length: tokens }, () => rng.int(200));
+      for (const pos of [undefined, positions]) {
+        const r = new Float32Array(n);
+        ref.rope(x, r, cos, sin, tokens, heads, headDim, pos);
+        const rb = new Float32Array(n);
+        ref.ropeBackward(x, rb, cos, sin, tokens, heads, headDim, pos);
+        for (const [name, be] of backends()) {
+          const what = `${tokens}x${heads}x${headDim}${pos ? ' with positions' : ''} (${name})`;
+          const rx = resident(be, x);
+          const out = resident(be, new Float32Array(n));
+          be.rope(rx, out, cos, sin, tokens, heads, headDim, pos);
+          assertClose(out, r, `rope ${what}`);
+          be.ropeBackward(rx, out, cos, sin, tokens, heads, headDim, pos);
+          assertClose(out, rb, `rope backward ${what}`);
+          be.rope(rx, rx, cos, sin, tokens, heads, headDim, pos);
+          assertClose(rx, r, `rope in place ${what}`);
+          for (const a of [rx, out]) be.release(a);
+        }
+      }
+    }
+  });
+
+  test('swiglu forward and backward, resident or not', () => {
+    const rng = new Rng(34);
+    for (const n of [4096, 5003, 40001]) {
+      const g = rand(rng, n, 3);
+      const u = rand(rng, n);
+      const d = rand(rng, n);
+      const r1 = new Float32Array(n);
+      const r2 = new Float32Array(n);
+      ref.swiglu(g, u, r1, n);
+      const rd1 = new Float32Array(n);
+      ref.swigluBackward(g, u, d, rd1, r2, n);
+      for (const [name, be] of backends()) {
+        for (const res of [false, true]) {
+          const what = `${n}${res ? ' resident' : ''} (${name})`;
+          const [rg, ru, rd] = res ? [resident(be, g), resident(be, u), resident(be, d)] : [g, u, d];
+          const f1 = res ? resident(be, new Float32Array(n)) : new Float32Array(n);
+          const f2 = res ? resident(be, new Float32Array(n)) : new Float32Array(n);
+          be.swiglu(rg, ru, f1, n);
+          assertClose(f1, r1, `swiglu ${what}`);
+          be.swigluBackward(rg, ru, rd, f1, f2, n);
+          assertClose(f1, rd1, `swiglu dGate ${what}`);
+          assertClose(f2, r2, `swiglu dUp ${what}`);
+          if (res) for (const a of [rg, ru, rd, f1, f2]) be.release(a);
+        }
+      }
+    }
+  });
+
+  test('cross-entropy on large logits, resident or not', () => {
+    const rng = new Rng(35);
+    for (const [rows, vocab] of [
+      [8, 512],
+      [33, 1001],
+    ] as const) {
+      const logits = rand(rng, rows * vocab, 4);
+      const targets = Int32Array.from({ length: rows }, (_, r) => (r % 5 === 4 ? -100 : rng.int(vocab)));
+      const dR = new Float32Array(rows * vocab);
+      const lR = ref.crossEntropy(logits, targets, dR, rows, vocab);
+      for (const [name, be] of backends()) {
+        for (const res of [false, true]) {
+          const l = res ? resident(be, logits) : logits.slice();
+          const dF = res ? resident(be, new Float32Array(rows * vocab)) : new Float32Array(rows * vocab);
+          const lF = be.crossEntropy(l, targets, dF, rows, vocab);
+          assertClose([lF], [lR], `loss ${rows}x${vocab}${res ? ' resident' : ''} (${name})`);
+          assertClose(dF, dR, `dLogits ${rows}x${vocab}${res ? ' resident' : ''} (${name})`);
+          if (res) for (const a of [l, dF]) be.release(a);
+        }
+      }
+    }
+  });
+});
+
 describe('backward ops match finite differences of the forward ops', () => {
   for (const be of [ref, null]) {
     const label = be ? 'reference' : 'wasm';

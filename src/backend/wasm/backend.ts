@@ -199,6 +199,11 @@ export class WasmBackend extends ElementwiseOps implements Backend {
     return view;
   }
 
+  /** Whether `a` lies in this backend's WebAssembly memory (from `allocate`), so that ops can use it in place. */
+  isResident(a: Float32Array): boolean {
+    return this.addressOf(a) >= 0;
+  }
+
   /** Gives back a buffer from `allocate` (anything else is ignored); it must not be used afterwards. */
   release(a: Float32Array): void {
     if (this.addressOf(a) < 0) return;
@@ -621,7 +626,14 @@ export class WasmBackend extends ElementwiseOps implements Backend {
 
   /** Byte address of `a` when it lives in this backend's memory, else −1. */
   private addressOf(a: Float32Array): number {
-    return this.buffers.has(a.buffer) ? a.byteOffset : -1;
+    if (this.buffers.has(a.buffer)) return a.byteOffset;
+    // A shared memory may hand out a new buffer object for the same memory (after a grow seen
+    // from another thread, for instance); views of it are resident too.
+    if (a.buffer === this.memory.buffer) {
+      this.buffers.add(a.buffer);
+      return a.byteOffset;
+    }
+    return -1;
   }
 
   /** Where a call's staged operands start: above every resident buffer. */
@@ -775,7 +787,7 @@ export class WasmBackend extends ElementwiseOps implements Backend {
       }
       this.memory.grow(pages);
     }
-    if (this.heap.buffer.byteLength !== this.memory.buffer.byteLength) {
+    if (this.heap.buffer !== this.memory.buffer) {
       this.heap = new Float32Array(this.memory.buffer);
       this.heapI32 = new Int32Array(this.memory.buffer);
       this.heapF64 = new Float64Array(this.memory.buffer);
