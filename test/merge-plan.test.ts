@@ -230,7 +230,56 @@ test('adapters, revisions, hub ids, modules and missing folders are refused up f
   assert.match(e.message, /does not exist.*resolved against/);
 
   e = await refused('merge_method: linear\nparameters: {weight: 1}\nmodules:\n  text:\n    models: [{model: a}, {model: b}]\n');
+  assert.equal(e.code, 'E_UNSUPPORTED');
   assert.equal(e.key, 'modules');
+  assert.match(e.message, /`text`.*single module, `default`/);
+});
+
+test('modules: {default: ...} plans exactly like the same models or slices at the top level', async () => {
+  const strip = (p: MergePlan) => p.tensors.map((t) => ({ name: t.name, inputs: t.inputs, params: t.params, t: t.t }));
+  // models form, with module parameters between per-model and global ones (a module filter list
+  // that matches nothing falls through to the global value).
+  const flat = await plan(`merge_method: ties
+base_model: base
+models:
+  - {model: a, parameters: {weight: [0.2, 0.8]}}
+  - {model: b}
+parameters:
+  weight: [{filter: mlp, value: 0.6}, {value: 0.3}]
+  density: 0.7
+  lambda: [{filter: self_attn, value: 1.5}]
+`);
+  const mod = await plan(`merge_method: ties
+base_model: base
+modules:
+  default:
+    models:
+      - {model: a, parameters: {weight: [0.2, 0.8]}}
+      - {model: b}
+    parameters:
+      weight: [{filter: mlp, value: 0.6}]
+      lambda: [{filter: self_attn, value: 1.5}]
+parameters:
+  weight: 0.3
+  density: 0.7
+`);
+  assert.deepEqual(strip(mod), strip(flat));
+  near(tensor(mod, 'model.layers.1.mlp.up_proj.weight').params.perModel.b!.weight, 0.6);
+  near(tensor(mod, 'model.layers.1.self_attn.q_proj.weight').params.perModel.b!.weight, 0.3);
+  near(tensor(mod, 'model.layers.1.self_attn.q_proj.weight').params.global.lambda, 1.5);
+  assert.equal(mod.numLayers, 4);
+
+  // slices form: layers renumbered and the layer count updated, as at the top level.
+  const slices = '  - sources: [{model: a, layer_range: [0, 3]}]\n  - sources: [{model: short, layer_range: [1, 2]}]\n';
+  const flatS = await plan(`merge_method: passthrough\nslices:\n${slices}`);
+  const modS = await plan(`merge_method: passthrough\nmodules:\n  default:\n    slices:\n${slices.replace(/^/gm, '    ')}`);
+  assert.deepEqual(strip(modS), strip(flatS));
+  assert.equal(modS.numLayers, 4);
+  assert.equal(modS.outputConfig.num_hidden_layers, 4);
+
+  // Errors name the key inside the module.
+  const e = await refused('merge_method: passthrough\nmodules:\n  default:\n    slices:\n      - sources: [{model: short, layer_range: [0, 3]}]\n');
+  assert.equal(e.key, 'modules.default.slices[0].sources[0].layer_range');
 });
 
 test('runMerge refuses before reading data and leaves nothing behind', async () => {

@@ -11,8 +11,8 @@ import { stringify as stringifyYaml } from 'yaml';
 import { AmalgamError } from '../errors.js';
 import { expandTemplate, configValue } from '../arch/templates.js';
 import type { ArchitectureDef, ResolvedArchitecture, ResolvedWeight, WeightDef, WeightSection } from '../arch/types.js';
-import { formatPath } from '../config/issues.js';
-import { effectiveOutDtype, effectiveTokenizer, referencedModels, sliceLayout, type LayoutSlice } from '../config/layout.js';
+import { formatPath, type PathSegment } from '../config/issues.js';
+import { configContainer, effectiveOutDtype, effectiveTokenizer, referencedModels, sliceLayout, type ConfigContainer, type LayoutSlice } from '../config/layout.js';
 import { sameModel } from '../config/model-ref.js';
 import { ParameterResolver, type TensorPosition } from '../config/parameters.js';
 import type { MergeConfig, ModelReference, TokenizerConfig } from '../config/types.js';
@@ -238,12 +238,26 @@ function configErr(message: string, key: string, hint?: string): AmalgamError {
 // ---------------------------------------------------------------------------------------------
 // Checks that need no model
 
+/**
+ * The module a `modules:` configuration merges. amalgam's architectures have one module, named
+ * `default` as mergekit names the module of a single-module model; undefined without `modules:`.
+ */
+function moduleOf(config: MergeConfig): string | undefined {
+  return config.modules === undefined ? undefined : DEFAULT_MODULE;
+}
+
+const DEFAULT_MODULE = 'default';
+
 function checkUnsupported(config: MergeConfig): void {
   if (config.modules !== undefined) {
-    throw new AmalgamError('E_UNSUPPORTED', '`modules:` (multi-module models such as VLMs) is not supported by amalgam merge yet', {
-      key: 'modules',
-      hint: 'merge a single-module model with `models:` or `slices:`',
-    });
+    const names = Object.keys(config.modules);
+    if (names.length !== 1 || names[0] !== DEFAULT_MODULE) {
+      throw new AmalgamError(
+        'E_UNSUPPORTED',
+        `\`modules:\` names ${names.map((n) => `\`${n}\``).join(', ')}; amalgam's architectures have a single module, \`${DEFAULT_MODULE}\` (multi-module models such as VLMs are not supported yet)`,
+        { key: 'modules', hint: `put the models or slices under \`modules: {${DEFAULT_MODULE}: ...}\`, or at the top level` },
+      );
+    }
   }
   for (const ref of referencedModels(config)) {
     if (ref.adapterRevision !== undefined) {
@@ -375,24 +389,24 @@ function checkArchitectures(models: OpenedModel[], allowCrimes: boolean, warn: (
 // ---------------------------------------------------------------------------------------------
 // Layout
 
-function modelsFormLayerCount(config: MergeConfig, byId: Map<string, OpenedModel>): number {
-  const entries = (config.models ?? []).map((m) => m.model);
-  if (config.base_model) entries.push(config.base_model);
+function modelsFormLayerCount(container: ConfigContainer, baseModel: ModelReference | undefined, at: PathSegment[], byId: Map<string, OpenedModel>): number {
+  const entries = (container.models ?? []).map((m) => m.model);
+  if (baseModel) entries.push(baseModel);
   const counts = entries.map((r) => ({ id: r.id, n: byId.get(r.id)!.planned.numLayers }));
   const n = counts[0]!.n;
   const odd = counts.filter((c) => c.n !== n);
   if (odd.length) {
     throw configErr(
       `the models have different layer counts (${counts.map((c) => `${c.id}: ${c.n}`).join(', ')}); the \`models:\` form merges every layer of every model`,
-      'models',
+      formatPath([...at, 'models']),
       'use `slices:` with explicit `layer_range`s to merge models of different depths',
     );
   }
   return n;
 }
 
-function checkLayerRanges(config: MergeConfig, byId: Map<string, OpenedModel>): void {
-  config.slices?.forEach((s, i) => {
+function checkLayerRanges(container: ConfigContainer, at: PathSegment[], byId: Map<string, OpenedModel>): void {
+  container.slices?.forEach((s, i) => {
     s.sources.forEach((src, j) => {
       const m = byId.get(src.model.id)!;
       const n = m.planned.numLayers;
@@ -400,7 +414,7 @@ function checkLayerRanges(config: MergeConfig, byId: Map<string, OpenedModel>): 
       if (a < 0 || b > n || a >= b) {
         throw configErr(
           `layer_range [${a}, ${b}] of model ${src.model.id} is out of bounds: the model has ${n} layers (0..${n - 1})`,
-          formatPath(['slices', i, 'sources', j, 'layer_range']),
+          formatPath([...at, 'slices', i, 'sources', j, 'layer_range']),
           `the end of layer_range is exclusive, so the widest range is [0, ${n}]`,
         );
       }
@@ -410,18 +424,18 @@ function checkLayerRanges(config: MergeConfig, byId: Map<string, OpenedModel>): 
       if (seen.has(src.model.id)) {
         throw configErr(
           `model ${src.model.id} appears twice among the sources of slice ${i}; each model can give one tensor per output tensor`,
-          formatPath(['slices', i, 'sources', j, 'model']),
+          formatPath([...at, 'slices', i, 'sources', j, 'model']),
           'put the layer ranges into separate slices',
         );
       }
       seen.add(src.model.id);
     });
   });
-  if (config.models) {
+  if (container.models) {
     const seen = new Set<string>();
-    config.models.forEach((m, i) => {
+    container.models.forEach((m, i) => {
       if (seen.has(m.model.id)) {
-        throw configErr(`model ${m.model.id} is listed twice`, formatPath(['models', i, 'model']), 'list each model once');
+        throw configErr(`model ${m.model.id} is listed twice`, formatPath([...at, 'models', i, 'model']), 'list each model once');
       }
       seen.add(m.model.id);
     });
@@ -716,11 +730,14 @@ async function buildPlan(
 ): Promise<MergePlan> {
   const byId = new Map(models.map((m) => [m.ref.id, m]));
   checkArchitectures(models, !!opts.allowCrimes, warn);
-  checkLayerRanges(config, byId);
+  const module = moduleOf(config);
+  const container = configContainer(config, module);
+  const at: PathSegment[] = module === undefined ? [] : ['modules', module];
+  checkLayerRanges(container, at, byId);
 
-  const modelsForm = !config.slices;
-  const layerCount = modelsForm ? modelsFormLayerCount(config, byId) : undefined;
-  const layout: LayoutSlice[] = sliceLayout(config, modelsForm ? { layerCount } : {});
+  const modelsForm = !container.slices;
+  const layerCount = modelsForm ? modelsFormLayerCount(container, config.base_model, at, byId) : undefined;
+  const layout: LayoutSlice[] = sliceLayout(config, { ...(module === undefined ? {} : { module }), ...(modelsForm ? { layerCount } : {}) });
   const outLayers = layout.reduce((n, s) => n + s.length, 0);
 
   // Base models must take part in the slices they are the base of.
@@ -729,7 +746,7 @@ async function buildPlan(
       if (s.base_model && !s.sources.some((src) => sameModel(src.model, s.base_model!))) {
         throw configErr(
           `the base model ${s.base_model.id} is not one of the sources of slice ${s.slice}; ${method.name} reads the base model's tensors`,
-          formatPath(['slices', s.slice, 'sources']),
+          formatPath([...at, 'slices', s.slice, 'sources']),
           `add {model: ${s.base_model.id}, layer_range: [...]} to the slice's sources`,
         );
       }
@@ -802,8 +819,10 @@ async function buildPlan(
     }
 
     // Parameters.
-    const pos: TensorPosition =
-      ow.section === 'layer' ? { layer: ow.layer!, ...(modelsForm ? { layerCount: outLayers } : {}) } : { position: ow.section };
+    const pos: TensorPosition = {
+      ...(module === undefined ? {} : { module }),
+      ...(ow.section === 'layer' ? { layer: ow.layer!, ...(modelsForm ? { layerCount: outLayers } : {}) } : { position: ow.section }),
+    };
     const raw: { global: Record<string, unknown>; perModel: Record<string, Record<string, unknown>> } = { global: {}, perModel: {} };
     for (const name of Object.keys(method.globalParams)) {
       const v = resolver.value({ name, tensor: ow.name, ...pos });
