@@ -47,6 +47,11 @@ const HELP = `usage: npm run bench -- merge [options]
                     peak RSS is the largest of all runs (default 2)
   --regen           regenerate the checkpoints even if valid ones exist
   --keep-output     keep the merged model (default: removed after the run)
+  --settle <s>      seconds to wait before each timed merge and write (and, with a cold cache,
+                    each timed cat) after the files of the previous run were deleted or dropped
+                    (default 0). On VMs whose host takes freed guest memory back within seconds,
+                    filling memory freed a moment ago is cheap and filling it later is not; a
+                    settle makes every timed step pay that cost, none makes them all reuse it
   --cache <mode>    warm: inputs in the page cache (read from RAM); cold: every input file is
                     dropped from the page cache before each timed cat and each merge (read from
                     disk; needs Linux and GNU dd); both (default)
@@ -261,6 +266,10 @@ function tiesConfig(): string {
 // ---------------------------------------------------------------------------------------------
 // Measurements
 
+function sleep(seconds: number): Promise<void> {
+  return seconds > 0 ? new Promise((r) => setTimeout(r, seconds * 1000)) : Promise.resolve();
+}
+
 /**
  * Drops the files' pages from the page cache (posix_fadvise DONTNEED through GNU dd's
  * `iflag=nocache`), so that the next read comes from the disk. Resolves false where that is not
@@ -301,9 +310,10 @@ function timeCat(files: string[]): Promise<number> {
  * Seconds to write `bytes` bytes to a new file at `path` from one reused 8 MiB buffer, fsync it and
  * close it (the merge fsyncs each output shard before renaming it). The file is removed afterwards.
  */
-async function timeWrite(path: string, bytes: number): Promise<number> {
+async function timeWrite(path: string, bytes: number, settleSeconds: number): Promise<number> {
   const buf = Buffer.alloc(8 << 20, 0x5a);
   await rm(path, { force: true });
+  await sleep(settleSeconds);
   const t0 = process.hrtime.bigint();
   const fh = await open(path, 'w');
   try {
@@ -573,6 +583,7 @@ export async function run(args: string[]): Promise<void> {
       regen: { type: 'boolean' },
       'keep-output': { type: 'boolean' },
       cache: { type: 'string' },
+      settle: { type: 'string' },
       'check-kernels': { type: 'string' },
       'child-config': { type: 'string' },
       'child-out': { type: 'string' },
@@ -604,6 +615,8 @@ export async function run(args: string[]): Promise<void> {
   const shardBytes = Math.round(positive('shard-mb', values['shard-mb'], 500) * 1e6);
   const seed = positive('seed', values.seed, 1, true);
   const repeats = positive('repeats', values.repeats, 2, true);
+  const settle = values.settle === undefined ? 0 : Number(values.settle);
+  if (!(settle >= 0 && settle <= 600)) throw Object.assign(new Error(`--settle must be a number of seconds in [0, 600], got ${JSON.stringify(values.settle)}`), { usage: true });
   const cacheMode = values.cache ?? 'both';
   if (cacheMode !== 'warm' && cacheMode !== 'cold' && cacheMode !== 'both') {
     throw Object.assign(new Error(`--cache must be warm, cold or both, got ${JSON.stringify(cacheMode)}`), { usage: true });
@@ -656,16 +669,17 @@ export async function run(args: string[]): Promise<void> {
     } else {
       log('  page cache cold: each input file is dropped from the page cache before every timed cat and merge');
     }
-    const prepare = async () => {
+    const prepare = async (settleFirst: boolean) => {
       if (cache === 'cold') await dropFromCache(files);
+      if (settleFirst) await sleep(settle);
     };
     for (let r = 0; r < 2; r++) {
-      await prepare();
+      await prepare(cache === 'cold');
       scenario.catRuns.push(await timeCat(files));
     }
     for (let r = 0; r < repeats; r++) {
       await rm(outDir, { recursive: true, force: true });
-      await prepare();
+      await prepare(true);
       const res = await spawnMerge(configPath, outDir, jobs);
       scenario.merges.push(res);
       log(`  ${cache} merge ${r + 1}/${repeats}: ${res.seconds.toFixed(2)} s (${res.jobs} jobs, CPU ${(res.userSeconds + res.systemSeconds).toFixed(1)} s), peak RSS ${fmtBytes(res.peakRss)}; cat ${scenario.catRuns.map((c) => c.toFixed(2)).join(', ')} s`);
@@ -674,7 +688,7 @@ export async function run(args: string[]): Promise<void> {
   }
   if (scenarios.length === 0) throw new Error('nothing was measured: the cold page cache is not available here; use --cache warm');
   const outBytes = await weightBytes(outDir);
-  const writeRuns = [await timeWrite(join(dir, '.floor-write.tmp'), outBytes), await timeWrite(join(dir, '.floor-write.tmp'), outBytes)];
+  const writeRuns = [await timeWrite(join(dir, '.floor-write.tmp'), outBytes, settle), await timeWrite(join(dir, '.floor-write.tmp'), outBytes, settle)];
   log('  checking three output tensors against a plain reference TIES');
   await verifyOutput(dir, outDir, ['model.layers.0.self_attn.k_proj.weight', 'model.norm.weight', `model.layers.${layers - 1}.self_attn.v_proj.weight`]);
   if (!values['keep-output']) await rm(outDir, { recursive: true, force: true });
@@ -706,6 +720,7 @@ export async function run(args: string[]): Promise<void> {
           cores: availableParallelism(),
           loadAverage1m: loadavg()[0],
           write: { seconds: write, runs: writeRuns, bytes: outBytes },
+          settleSeconds: settle,
           coldSkipped,
           scenarios: results.map((r) => ({
             cache: r.cache,
@@ -727,7 +742,7 @@ export async function run(args: string[]): Promise<void> {
   console.log('');
   console.log(`inputs: ${MODELS.length} models x ${fmtBytes(dataBytes)} BF16 (${files.length} files, ${fmtBytes(inputBytes)}); ${availableParallelism()} cores; load average ${loadavg()[0]!.toFixed(2)}`);
   console.log(`kernels: ${kernels}`);
-  console.log(`write floor: ${fmtBytes(outBytes)} written + fsync ${write.toFixed(3)} s (best of 2)`);
+  console.log(`write floor: ${fmtBytes(outBytes)} written + fsync ${write.toFixed(3)} s (best of 2: ${writeRuns.map((w) => w.toFixed(2)).join(', ')}); ${settle ? `${settle} s settle before each timed merge and write` : 'no settle'}`);
   for (const r of results) {
     const where = r.cache === 'warm' ? 'page cache warm (inputs read from RAM)' : 'page cache cold (inputs read from disk)';
     console.log(`${where}:`);
