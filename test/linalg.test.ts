@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { Rng } from '../src/tensor/rng.js';
 import {
   eigh,
+  eighLowest,
   frobeniusNorm,
   matmul,
   matmulNT,
@@ -285,5 +286,70 @@ describe('randomizedSvd', () => {
     const r = randomizedSvd(a, 6, 4, 10);
     assert.equal(r.k, 4);
     assert.ok(relErr(reconstructSvd(r, 6, 4), a) < 1e-13);
+  });
+});
+
+describe('eighLowest', () => {
+  /** Checks values against eigh and A·v = λ·v, orthonormality for the k returned vectors. */
+  function checkLowest(a: Float64Array, n: number, k: number): ReturnType<typeof eighLowest> {
+    const full = eigh(a, n);
+    let seen: Float64Array | undefined;
+    const r = eighLowest(a, n, (v) => {
+      seen = v;
+      return k;
+    });
+    assert.equal(r.count, k);
+    assert.ok(seen && seen.length === n, 'count sees every eigenvalue');
+    const scale = Math.max(1, ...full.values.map(Math.abs));
+    for (let i = 0; i < n; i++) assert.ok(Math.abs(r.values[i]! - full.values[i]!) <= 1e-12 * scale, `value ${i}: ${r.values[i]} vs ${full.values[i]}`);
+    assert.ok(orthogonalityError(transpose(r.vectors, k, n), n, k) <= 1e-12, 'orthonormal eigenvectors');
+    const av = matmulNT(a, r.vectors, n, n, k); // n×k: column j = A·v_j
+    for (let j = 0; j < k; j++) {
+      for (let i = 0; i < n; i++) {
+        const res = av[i * k + j]! - r.values[j]! * r.vectors[j * n + i]!;
+        assert.ok(Math.abs(res) <= 1e-12 * scale, `residual of vector ${j}: ${res}`);
+      }
+    }
+    return r;
+  }
+
+  test('matches eigh on random, graded and clustered spectra; separated eigenvectors agree up to sign', () => {
+    const n = 40;
+    const a = matmulTN(randn(60, n, 71), randn(60, n, 71), 60, n, n);
+    const r = checkLowest(a, n, 8);
+    const full = eigh(a, n);
+    for (let j = 0; j < 8; j++) {
+      let dot = 0;
+      for (let i = 0; i < n; i++) dot += r.vectors[j * n + i]! * full.vectors[i * n + j]!;
+      assert.ok(Math.abs(Math.abs(dot) - 1) <= 1e-10, `vector ${j}: |cos| = ${Math.abs(dot)}`);
+    }
+    checkLowest(withSpectrum(Array.from({ length: 30 }, (_, i) => 10 ** (-i / 3)), 72), 30, 30);
+    // A cluster of four equal eigenvalues at the bottom and a near-tie.
+    checkLowest(withSpectrum([1, 1, 1, 1, 1 + 1e-9, 2, 3, 5, 8, 13, 21, 34], 73), 12, 6);
+  });
+
+  test('a rank-deficient matrix: an orthonormal basis of the null space', () => {
+    const n = 50;
+    const h = randn(10, n, 74);
+    const a = matmulTN(h, h, 10, n, n); // rank 10: eigenvalue 0 forty times
+    const r = checkLowest(a, n, 40);
+    // Every returned vector is orthogonal to the rows of h.
+    const hv = matmulNT(h, r.vectors, 10, n, 40);
+    const scale = Math.max(...h.map(Math.abs));
+    for (const x of hv) assert.ok(Math.abs(x) <= 1e-10 * scale * n);
+  });
+
+  test('tiny sizes, a diagonal matrix with repeats, none asked, bad input', () => {
+    checkLowest(Float64Array.of(5), 1, 1);
+    checkLowest(Float64Array.of(2, 1, 1, 2), 2, 2);
+    checkLowest(withSpectrum([3, -1, 2], 75), 3, 3);
+    const dg = new Float64Array(16 * 16);
+    for (let i = 0; i < 16; i++) dg[i * 16 + i] = i % 3;
+    checkLowest(dg, 16, 11);
+    const none = eighLowest(withSpectrum([1, 2, 3], 76), 3, () => 0);
+    assert.equal(none.count, 0);
+    assert.deepEqual([...none.values].map((v) => Math.round(v * 1e9) / 1e9), [1, 2, 3]);
+    assert.throws(() => eighLowest(new Float64Array(3), 2, () => 1), /expected 2×2/);
+    assert.throws(() => eighLowest(Float64Array.of(NaN), 1, () => 1), /non-finite/);
   });
 });

@@ -4,6 +4,7 @@ import { ReferenceBackend } from '../src/backend/reference.js';
 import { makeLlamaConfig } from '../src/nn/config.js';
 import { LlamaModel } from '../src/nn/model.js';
 import { Rng } from '../src/tensor/rng.js';
+import { eigh } from '../src/tensor/linalg.js';
 import {
   collectFeatureStats,
   covarianceModeBasis,
@@ -149,6 +150,41 @@ test('covariance mode: a degenerate smallest eigenspace gets a seeded orthonorma
     const q = rayleighQuotients(r.A, C, 4, d);
     const scale = Math.max(...jacobiEigenvalues(C, d));
     for (const v of q) assert.ok(Math.abs(v) <= 1e-12 * scale);
+  }
+});
+
+test('covariance mode on wide features (the partial eigensolver): the same bars, and degenerate spaces', () => {
+  const d = 300;
+  const rng = new Rng(8);
+  const second = (rows: number) => {
+    const C = new Float64Array(d * d);
+    const h = new Float64Array(d);
+    for (let r = 0; r < rows; r++) {
+      for (let i = 0; i < d; i++) h[i] = rng.normal() * (1 + (i % 7));
+      for (let i = 0; i < d; i++) for (let j = 0; j < d; j++) C[i * d + j] += h[i]! * h[j]!;
+    }
+    return C;
+  };
+  const C = second(400);
+  const r = covarianceModeBasis(C, d, 8, new Rng(1));
+  // The full decomposition (a different algorithm from the partial one used at this width).
+  const eig = eigh(C, d).values;
+  assert.equal(r.seededDimension, 0);
+  assert.ok(orthonormalityError(r.A, 8, d) <= 1e-12);
+  const q = rayleighQuotients(r.A, C, 8, d);
+  for (let i = 0; i < 8; i++) assert.ok(Math.abs(q[i]! - eig[i]!) <= 1e-6 * Math.abs(eig[i]!), `row ${i}: ${q[i]} vs ${eig[i]}`);
+  assert.ok(Math.abs(r.maxEigenvalue - eig[d - 1]!) <= 1e-9 * eig[d - 1]!);
+  assert.deepEqual(covarianceModeBasis(C, d, 8, new Rng(1)).A, r.A);
+  // 100 rows: the eigenvalue 0 has multiplicity 200 > r; a seeded choice inside that space.
+  const D = second(100);
+  const a = covarianceModeBasis(D, d, 8, new Rng(1));
+  const b = covarianceModeBasis(D, d, 8, new Rng(2));
+  assert.equal(a.seededDimension, 200);
+  assert.notDeepEqual(a.A, b.A);
+  const scale = eigh(D, d).values[d - 1]!;
+  for (const x of [a, b]) {
+    assert.ok(orthonormalityError(x.A, 8, d) <= 1e-12);
+    for (const v of rayleighQuotients(x.A, D, 8, d)) assert.ok(Math.abs(v) <= 1e-12 * scale);
   }
 });
 

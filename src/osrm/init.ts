@@ -16,7 +16,7 @@
  */
 import { AmalgamError } from '../errors.js';
 import { Rng } from '../tensor/rng.js';
-import { eigh } from '../tensor/linalg.js';
+import { eigh, eighLowest } from '../tensor/linalg.js';
 import type { LoraInitContext } from '../nn/lora.js';
 import { featureMean, featureSecondMoment, type FeatureGroup, type TaskFeatureStats } from './stats.js';
 
@@ -190,24 +190,43 @@ function canonicalSigns(A: Float64Array, r: number, d: number): void {
 }
 
 /**
+ * Feature widths up to this use the full eigendecomposition; wider ones compute only the lowest
+ * eigenvectors (`eighLowest`, several times faster at the widths of real models).
+ */
+const FULL_EIGH_MAX_DIM = 256;
+
+/**
  * Covariance mode for one group: the r eigenvectors of the symmetric C (d × d) with the smallest
  * eigenvalues, as rows. Eigenvalues within `tol`·λ_max of the r-th one form its eigenspace; when
  * that eigenspace reaches past r, the rows taken from it are a seeded orthonormal choice.
  */
 export function covarianceModeBasis(C: Float64Array, d: number, rank: number, rng: Rng, tol = 1e-10): { A: Float64Array; eigenvalues: Float64Array; maxEigenvalue: number; seededDimension: number } {
   checkRank(rank, d, 'covariance mode');
-  const { values, vectors } = eigh(C, d);
-  const lmax = Math.max(Math.abs(values[0]!), Math.abs(values[d - 1]!));
-  const eps = tol * lmax;
-  const lr = values[rank - 1]!;
+  // The eigenvalues that tie with the r-th (within tol·λmax) form its cluster [lo, hi].
   let lo = rank - 1;
-  while (lo > 0 && Math.abs(values[lo - 1]! - lr) <= eps) lo--;
   let hi = rank - 1;
-  while (hi + 1 < d && Math.abs(values[hi + 1]! - lr) <= eps) hi++;
-  const A = new Float64Array(rank * d);
-  const column = (j: number, out: Float64Array, o: number) => {
-    for (let i = 0; i < d; i++) out[o + i] = vectors[i * d + j]!;
+  const cluster = (values: Float64Array): number => {
+    const eps = tol * Math.max(Math.abs(values[0]!), Math.abs(values[d - 1]!));
+    const lr = values[rank - 1]!;
+    while (lo > 0 && Math.abs(values[lo - 1]! - lr) <= eps) lo--;
+    while (hi + 1 < d && Math.abs(values[hi + 1]! - lr) <= eps) hi++;
+    return hi + 1;
   };
+  let values: Float64Array;
+  let column: (j: number, out: Float64Array, o: number) => void;
+  if (d <= FULL_EIGH_MAX_DIM) {
+    const r = eigh(C, d);
+    values = r.values;
+    cluster(values);
+    column = (j, out, o) => {
+      for (let i = 0; i < d; i++) out[o + i] = r.vectors[i * d + j]!;
+    };
+  } else {
+    const r = eighLowest(C, d, cluster);
+    values = r.values;
+    column = (j, out, o) => out.set(r.vectors.subarray(j * d, (j + 1) * d), o);
+  }
+  const A = new Float64Array(rank * d);
   const unique = hi === rank - 1 ? rank : lo;
   for (let j = 0; j < unique; j++) column(j, A, j * d);
   canonicalSigns(A, unique, d);

@@ -170,6 +170,242 @@ export function eigh(a: MatrixInput, n: number): EighResult {
   return { values: d, vectors };
 }
 
+export interface EighLowestResult {
+  /** All n eigenvalues, ascending. */
+  values: Float64Array;
+  /** count×n row-major: row j is the unit eigenvector of values[j]. */
+  vectors: Float64Array;
+  /** Number of eigenvectors returned. */
+  count: number;
+}
+
+/**
+ * The lowest eigenpairs of a symmetric matrix: every eigenvalue, and the eigenvectors of the
+ * `count(values)` smallest (`count` sees all eigenvalues, ascending, so that a caller can extend a
+ * selection to a whole cluster). Householder tridiagonalisation without forming Q, eigenvalues by
+ * implicit QL, eigenvectors by inverse iteration on the tridiagonal matrix (re-orthogonalised
+ * within clusters of close eigenvalues, from seeded start vectors) and the reflectors applied
+ * back. It costs about (2/3)·n³ multiply-adds plus O(n²) per eigenvector; for a few
+ * eigenvectors of a large matrix it is several times faster than `eigh` (4× at n = 2048).
+ * Eigenvectors of repeated eigenvalues are an orthonormal basis of their eigenspace, not the one
+ * `eigh` returns.
+ */
+export function eighLowest(a: MatrixInput, n: number, count: (values: Float64Array) => number): EighLowestResult {
+  checkDims(a, n, n, 'eighLowest');
+  for (let i = 0; i < a.length; i++) {
+    if (!Number.isFinite(a[i]!)) throw new AmalgamError('E_USAGE', 'eighLowest: matrix holds a non-finite value');
+  }
+  const w = new Float64Array(n * n);
+  for (let i = 0; i < n; i++) {
+    w[i * n + i] = a[i * n + i]!;
+    for (let j = 0; j < i; j++) {
+      const v = 0.5 * (a[i * n + j]! + a[j * n + i]!);
+      w[i * n + j] = v;
+      w[j * n + i] = v;
+    }
+  }
+  const { d, e, taus } = householderTridiagonal(w, n);
+  // Eigenvalues: implicit QL without vectors on a copy (e in the layout implicitQl expects).
+  const values = Float64Array.from(d);
+  const eq = new Float64Array(n);
+  for (let i = 1; i < n; i++) eq[i] = e[i - 1]!;
+  if (n > 0) implicitQl(null, values, eq, n);
+  const k = Math.max(0, Math.min(n, Math.floor(count(values))));
+  const vectors = new Float64Array(k * n);
+  if (k > 0) {
+    tridiagonalInverseIteration(d, e, values, k, n, vectors);
+    // Back to the original basis: y = H_0 H_1 … H_{n−3} z.
+    for (let j = 0; j < k; j++) {
+      const o = j * n;
+      for (let s = n - 3; s >= 0; s--) {
+        const tau = taus[s]!;
+        if (tau === 0) continue;
+        const vo = s * n; // reflector s: entries s+1 … n−1 of row s of w
+        let dot = 0;
+        for (let i = s + 1; i < n; i++) dot += w[vo + i]! * vectors[o + i]!;
+        const f = tau * dot;
+        if (f !== 0) for (let i = s + 1; i < n; i++) vectors[o + i] -= f * w[vo + i]!;
+      }
+    }
+  }
+  return { values, vectors, count: k };
+}
+
+/**
+ * Householder reduction of the symmetric W (lower triangle used, overwritten) to tridiagonal
+ * T = Qᵀ·W·Q: diagonal d, sub-diagonal e (e[i] = T[i+1][i]). Reflector s (I − τ_s·v·vᵀ, v zero
+ * above s + 1) is left in the upper part of row s of W, entries s+1 … n−1.
+ */
+function householderTridiagonal(w: Float64Array, n: number): { d: Float64Array; e: Float64Array; taus: Float64Array } {
+  const d = new Float64Array(n);
+  const e = new Float64Array(Math.max(0, n - 1));
+  const taus = new Float64Array(Math.max(0, n - 2));
+  const p = new Float64Array(n);
+  for (let s = 0; s < n - 2; s++) {
+    const so = s * n;
+    d[s] = w[so + s]!;
+    // x = W[s+1 …, s] (column s, below the diagonal), copied into row s as v.
+    let scale = 0;
+    for (let i = s + 1; i < n; i++) {
+      const v = w[i * n + s]!;
+      w[so + i] = v;
+      scale = Math.max(scale, Math.abs(v));
+    }
+    let tail = 0;
+    if (scale > 0) for (let i = s + 2; i < n; i++) tail += (w[so + i]! / scale) ** 2;
+    if (scale === 0 || tail === 0) {
+      e[s] = w[so + s + 1]!;
+      taus[s] = 0;
+      continue;
+    }
+    const x0 = w[so + s + 1]! / scale;
+    const norm = Math.sqrt(x0 * x0 + tail);
+    const alpha = x0 > 0 ? -norm : norm;
+    // v = x/scale − alpha·e1; τ = 2 / vᵀv.
+    for (let i = s + 1; i < n; i++) w[so + i] = w[so + i]! / scale;
+    w[so + s + 1] = x0 - alpha;
+    const tau = 2 / ((x0 - alpha) * (x0 - alpha) + tail);
+    taus[s] = tau;
+    e[s] = alpha * scale;
+    // Trailing block B = W[s+1 …, s+1 …] (lower triangle): p = τ·B·v,
+    // q = p − (τ/2)(pᵀv)·v, B −= v·qᵀ + q·vᵀ.
+    for (let i = s + 1; i < n; i++) p[i] = 0;
+    for (let i = s + 1; i < n; i++) {
+      const io = i * n;
+      const vi = w[so + i]!;
+      let acc = w[io + i]! * vi;
+      for (let j = s + 1; j < i; j++) {
+        const b = w[io + j]!;
+        acc += b * w[so + j]!;
+        p[j] = p[j]! + b * vi;
+      }
+      p[i] = p[i]! + acc;
+    }
+    let pv = 0;
+    for (let i = s + 1; i < n; i++) {
+      p[i] = tau * p[i]!;
+      pv += p[i]! * w[so + i]!;
+    }
+    const half = 0.5 * tau * pv;
+    for (let i = s + 1; i < n; i++) p[i] = p[i]! - half * w[so + i]!;
+    for (let i = s + 1; i < n; i++) {
+      const io = i * n;
+      const vi = w[so + i]!;
+      const qi = p[i]!;
+      for (let j = s + 1; j <= i; j++) w[io + j] = w[io + j]! - vi * p[j]! - qi * w[so + j]!;
+    }
+  }
+  if (n >= 2) {
+    d[n - 2] = w[(n - 2) * n + n - 2]!;
+    e[n - 2] = w[(n - 1) * n + n - 2]!;
+  }
+  if (n >= 1) d[n - 1] = w[(n - 1) * n + n - 1]!;
+  return { d, e, taus };
+}
+
+/**
+ * Eigenvectors of the symmetric tridiagonal (d, e) for values[0 … k−1] by inverse iteration:
+ * LU of T − σI with partial pivoting, seeded start vectors, four iterations, each iterate
+ * re-orthogonalised against the earlier vectors of its cluster (eigenvalues closer than
+ * 1e-3·‖T‖₁, as LAPACK's dstein). Repeated eigenvalues are shifted apart by 10·ε·‖T‖₁.
+ */
+function tridiagonalInverseIteration(d: Float64Array, e: Float64Array, values: Float64Array, k: number, n: number, out: Float64Array): void {
+  let tnorm = 0;
+  for (let i = 0; i < n; i++) tnorm = Math.max(tnorm, Math.abs(d[i]!) + (i > 0 ? Math.abs(e[i - 1]!) : 0) + (i < n - 1 ? Math.abs(e[i]!) : 0));
+  if (tnorm === 0) tnorm = 1;
+  const ortol = 1e-3 * tnorm;
+  const pertol = 10 * EPS * tnorm;
+  const tiny = EPS * tnorm;
+  const u0 = new Float64Array(n);
+  const u1 = new Float64Array(n);
+  const u2 = new Float64Array(n);
+  const l = new Float64Array(n);
+  const piv = new Uint8Array(n);
+  const x = new Float64Array(n);
+  const rng = new Rng(0x5eed);
+  let clusterStart = 0;
+  let prevSigma = -Infinity;
+  for (let j = 0; j < k; j++) {
+    if (j > 0 && values[j]! - values[j - 1]! > ortol) clusterStart = j;
+    let sigma = values[j]!;
+    if (j > clusterStart && sigma - prevSigma < pertol) sigma = prevSigma + pertol;
+    prevSigma = sigma;
+    // LU of T − σI with partial pivoting; the active row holds (ax at column i, ay at column i+1).
+    let ax = d[0]! - sigma;
+    let ay = n > 1 ? e[0]! : 0;
+    for (let i = 0; i < n - 1; i++) {
+      const c = e[i]!;
+      const dn = d[i + 1]! - sigma;
+      const bn = i + 1 < n - 1 ? e[i + 1]! : 0;
+      if (Math.abs(c) > Math.abs(ax)) {
+        piv[i] = 1;
+        u0[i] = c;
+        u1[i] = dn;
+        u2[i] = bn;
+        const m = ax / c;
+        l[i] = m;
+        ax = ay - m * dn;
+        ay = -m * bn;
+      } else {
+        piv[i] = 0;
+        if (ax === 0) ax = tiny;
+        u0[i] = ax;
+        u1[i] = ay;
+        u2[i] = 0;
+        const m = c / ax;
+        l[i] = m;
+        ax = dn - m * ay;
+        ay = bn;
+      }
+    }
+    u0[n - 1] = ax === 0 ? tiny : ax;
+    for (let i = 0; i < n; i++) x[i] = rng.next() - 0.5;
+    const o = j * n;
+    for (let iter = 0; iter < 4; iter++) {
+      // Forward: apply the row swaps and multipliers.
+      let ra = x[0]!;
+      for (let i = 0; i < n - 1; i++) {
+        const rn = x[i + 1]!;
+        if (piv[i]) {
+          x[i] = rn;
+          ra = ra - l[i]! * rn;
+        } else {
+          x[i] = ra;
+          ra = rn - l[i]! * ra;
+        }
+      }
+      x[n - 1] = ra;
+      // Back substitution with U.
+      for (let i = n - 1; i >= 0; i--) {
+        let v = x[i]!;
+        if (i + 1 < n) v -= u1[i]! * x[i + 1]!;
+        if (i + 2 < n) v -= u2[i]! * x[i + 2]!;
+        x[i] = v / u0[i]!;
+      }
+      // Re-orthogonalise within the cluster (twice), then normalise.
+      for (let pass = 0; pass < 2; pass++) {
+        for (let q = clusterStart; q < j; q++) {
+          const qo = q * n;
+          let dot = 0;
+          for (let i = 0; i < n; i++) dot += out[qo + i]! * x[i]!;
+          for (let i = 0; i < n; i++) x[i] = x[i]! - dot * out[qo + i]!;
+        }
+      }
+      let nrm = 0;
+      for (let i = 0; i < n; i++) nrm = Math.max(nrm, Math.abs(x[i]!));
+      if (nrm === 0) throw new Error('eighLowest: inverse iteration lost its vector');
+      let ss = 0;
+      for (let i = 0; i < n; i++) {
+        x[i] = x[i]! / nrm;
+        ss += x[i]! * x[i]!;
+      }
+      const inv = 1 / Math.sqrt(ss);
+      for (let i = 0; i < n; i++) x[i] = x[i]! * inv;
+    }
+    out.set(x, o);
+  }
+}
+
 /** Householder reduction to tridiagonal form; W holds Vᵀ (V[r][c] = w[c·n + r]). */
 function tridiagonalize(w: Float64Array, d: Float64Array, e: Float64Array, n: number): void {
   for (let j = 0; j < n; j++) d[j] = w[j * n + n - 1]!;
@@ -251,7 +487,7 @@ function tridiagonalize(w: Float64Array, d: Float64Array, e: Float64Array, n: nu
 }
 
 /** Implicit QL iterations on the tridiagonal (d, e), accumulating into W (rows = eigenvectors). */
-function implicitQl(w: Float64Array, d: Float64Array, e: Float64Array, n: number): void {
+function implicitQl(w: Float64Array | null, d: Float64Array, e: Float64Array, n: number): void {
   for (let i = 1; i < n; i++) e[i - 1] = e[i]!;
   e[n - 1] = 0;
   let f = 0;
@@ -297,13 +533,15 @@ function implicitQl(w: Float64Array, d: Float64Array, e: Float64Array, n: number
           c = p / r;
           p = c * d[i]! - s * g;
           d[i + 1] = h + s * (c * g + s * d[i]!);
-          const ri = i * n;
-          const ri1 = ri + n;
-          for (let k = 0; k < n; k++) {
-            const x = w[ri1 + k]!;
-            const y = w[ri + k]!;
-            w[ri1 + k] = s * y + c * x;
-            w[ri + k] = c * y - s * x;
+          if (w) {
+            const ri = i * n;
+            const ri1 = ri + n;
+            for (let k = 0; k < n; k++) {
+              const x = w[ri1 + k]!;
+              const y = w[ri + k]!;
+              w[ri1 + k] = s * y + c * x;
+              w[ri + k] = c * y - s * x;
+            }
           }
         }
         p = (-s * s2 * c3 * el1 * e[l]!) / dl1;
@@ -326,6 +564,7 @@ function implicitQl(w: Float64Array, d: Float64Array, e: Float64Array, n: number
     if (k !== i) {
       d[k] = d[i]!;
       d[i] = p;
+      if (!w) continue;
       const ri = i * n;
       const rk = k * n;
       for (let t = 0; t < n; t++) {
