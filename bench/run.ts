@@ -44,6 +44,10 @@ export const BENCHMARKS: Record<string, BenchEntry> = {
     description: 'OSRM on stories260K (domain, pronoun, parity): standard vs orthonormal control vs OSRM LoRA, merged by TA/TIES over λ, seeds 0-2',
     load: () => import('./osrm.js'),
   },
+  linalg: {
+    description: 'symmetric eigensolvers at OSRM widths (512 to 2048): full eigh vs eighLowest (8 lowest eigenvectors), time and accuracy',
+    load: () => import('./linalg.js'),
+  },
   dam: {
     description: 'learned merging of the 3 stories260K domain experts: linear / TA / TIES / DARE-TIES (val grid), CMA-ES (200 evals), AdaMerging and DAM (100 steps) on the test windows',
     load: () => import('./dam.js'),
