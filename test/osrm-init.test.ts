@@ -175,16 +175,21 @@ test('covariance mode on wide features (the partial eigensolver): the same bars,
   for (let i = 0; i < 8; i++) assert.ok(Math.abs(q[i]! - eig[i]!) <= 1e-6 * Math.abs(eig[i]!), `row ${i}: ${q[i]} vs ${eig[i]}`);
   assert.ok(Math.abs(r.maxEigenvalue - eig[d - 1]!) <= 1e-9 * eig[d - 1]!);
   assert.deepEqual(covarianceModeBasis(C, d, 8, new Rng(1)).A, r.A);
-  // 100 rows: the eigenvalue 0 has multiplicity 200 > r; a seeded choice inside that space.
-  const D = second(100);
-  const a = covarianceModeBasis(D, d, 8, new Rng(1));
-  const b = covarianceModeBasis(D, d, 8, new Rng(2));
-  assert.equal(a.seededDimension, 200);
-  assert.notDeepEqual(a.A, b.A);
-  const scale = eigh(D, d).values[d - 1]!;
-  for (const x of [a, b]) {
-    assert.ok(orthonormalityError(x.A, 8, d) <= 1e-12);
-    for (const v of rayleighQuotients(x.A, D, 8, d)) assert.ok(Math.abs(v) <= 1e-12 * scale);
+  // Fewer rows than d: the eigenvalue 0 has multiplicity d − rows > r, and the rows of A are a
+  // seeded choice inside that space. 280 rows (a 20-dimensional space) stay on the partial
+  // solver; 100 rows (200 dimensions) take the full decomposition.
+  for (const rows of [280, 100]) {
+    const D = second(rows);
+    const a = covarianceModeBasis(D, d, 8, new Rng(1));
+    const b = covarianceModeBasis(D, d, 8, new Rng(2));
+    assert.equal(a.seededDimension, d - rows);
+    assert.deepEqual(covarianceModeBasis(D, d, 8, new Rng(1)).A, a.A);
+    assert.notDeepEqual(a.A, b.A);
+    const scale = eigh(D, d).values[d - 1]!;
+    for (const x of [a, b]) {
+      assert.ok(orthonormalityError(x.A, 8, d) <= 1e-12);
+      for (const v of rayleighQuotients(x.A, D, 8, d)) assert.ok(Math.abs(v) <= 1e-12 * scale, `${rows} rows: quotient ${v}`);
+    }
   }
 });
 

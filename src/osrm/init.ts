@@ -222,9 +222,26 @@ export function covarianceModeBasis(C: Float64Array, d: number, rank: number, rn
       for (let i = 0; i < d; i++) out[o + i] = r.vectors[i * d + j]!;
     };
   } else {
-    const r = eighLowest(C, d, cluster);
-    values = r.values;
-    column = (j, out, o) => out.set(r.vectors.subarray(j * d, (j + 1) * d), o);
+    // A cluster reaching far past r (fewer feature rows than d leave a large null space) would
+    // cost inverse iteration O(count²·d); the full decomposition is cheaper then.
+    let needed = 0;
+    const r = eighLowest(C, d, (v) => {
+      needed = cluster(v);
+      return needed <= Math.max(rank, d / 8) ? needed : 0;
+    });
+    if (r.count >= needed) {
+      values = r.values;
+      column = (j, out, o) => out.set(r.vectors.subarray(j * d, (j + 1) * d), o);
+    } else {
+      const f = eigh(C, d);
+      values = f.values;
+      lo = rank - 1;
+      hi = rank - 1;
+      cluster(values);
+      column = (j, out, o) => {
+        for (let i = 0; i < d; i++) out[o + i] = f.vectors[i * d + j]!;
+      };
+    }
   }
   const A = new Float64Array(rank * d);
   const unique = hi === rank - 1 ? rank : lo;
