@@ -137,16 +137,12 @@ export function frobeniusNorm(a: MatrixInput): number {
   return scale * Math.sqrt(s);
 }
 
-/**
- * Symmetric eigendecomposition A = V·diag(values)·Vᵀ. A is n×n and assumed symmetric; (A + Aᵀ)/2
- * is decomposed. Householder tridiagonalisation followed by the implicit QL method.
- */
-export function eigh(a: MatrixInput, n: number): EighResult {
-  checkDims(a, n, n, 'eigh');
+/** (A + Aᵀ)/2 of the n×n A as a new array, after checking its size and that it is finite. */
+function symmetricPart(a: MatrixInput, n: number, what: string): Float64Array {
+  checkDims(a, n, n, what);
   for (let i = 0; i < a.length; i++) {
-    if (!Number.isFinite(a[i]!)) throw new AmalgamError('E_USAGE', 'eigh: matrix holds a non-finite value');
+    if (!Number.isFinite(a[i]!)) throw new AmalgamError('E_USAGE', `${what}: matrix holds a non-finite value`);
   }
-  // W holds Vᵀ of the classic formulation (row j = column j of V), so inner loops are contiguous.
   const w = new Float64Array(n * n);
   for (let i = 0; i < n; i++) {
     w[i * n + i] = a[i * n + i]!;
@@ -156,6 +152,16 @@ export function eigh(a: MatrixInput, n: number): EighResult {
       w[j * n + i] = v;
     }
   }
+  return w;
+}
+
+/**
+ * Symmetric eigendecomposition A = V·diag(values)·Vᵀ. A is n×n and assumed symmetric; (A + Aᵀ)/2
+ * is decomposed. Householder tridiagonalisation followed by the implicit QL method.
+ */
+export function eigh(a: MatrixInput, n: number): EighResult {
+  // W holds Vᵀ of the classic formulation (row j = column j of V), so inner loops are contiguous.
+  const w = symmetricPart(a, n, 'eigh');
   const d = new Float64Array(n);
   const e = new Float64Array(n);
   if (n > 0) {
@@ -191,19 +197,7 @@ export interface EighLowestResult {
  * `eigh` returns.
  */
 export function eighLowest(a: MatrixInput, n: number, count: (values: Float64Array) => number): EighLowestResult {
-  checkDims(a, n, n, 'eighLowest');
-  for (let i = 0; i < a.length; i++) {
-    if (!Number.isFinite(a[i]!)) throw new AmalgamError('E_USAGE', 'eighLowest: matrix holds a non-finite value');
-  }
-  const w = new Float64Array(n * n);
-  for (let i = 0; i < n; i++) {
-    w[i * n + i] = a[i * n + i]!;
-    for (let j = 0; j < i; j++) {
-      const v = 0.5 * (a[i * n + j]! + a[j * n + i]!);
-      w[i * n + j] = v;
-      w[j * n + i] = v;
-    }
-  }
+  const w = symmetricPart(a, n, 'eighLowest');
   const { d, e, taus } = householderTridiagonal(w, n);
   // Eigenvalues: implicit QL without vectors on a copy (e in the layout implicitQl expects).
   const values = Float64Array.from(d);
