@@ -17,6 +17,7 @@ export * from './tokenizer/hf.js';
 export * from './convert/permute.js';
 export * from './convert/names.js';
 export * from './convert/to-hf.js';
+export * from './convert/model-input.js';
 export * from './config/index.js';
 export {
   MERGE_METHODS,

@@ -28,7 +28,7 @@ export function registerEval(program: Command): void {
   const cmd = program
     .command('eval')
     .description('Evaluate a model: mean negative log-likelihood per predicted token and perplexity (lm), or accuracy of its classification head (classify).')
-    .argument('<model>', 'Hugging Face model folder (config.json, *.safetensors, tokenizer.json)')
+    .argument('<model>', 'Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or a GGUF / llama2.c file (converted on the fly)')
     .requiredOption('--data <file>', 'dataset: .txt (one example per non-empty line, each BOS + text), .jsonl or .tsv')
     .option('--task <task>', 'lm or classify', 'lm')
     .option('--max-length <n>', 'keep at most n tokens per example, BOS included (default: max_position_embeddings for lm, 64 for classify)', (v) => parseInteger(v, '--max-length', 2))

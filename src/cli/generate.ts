@@ -17,7 +17,7 @@ export function registerGenerate(program: Command): void {
   program
     .command('generate')
     .description('Generate text from a model: BOS + prompt, then greedy decoding (temperature 0) or seeded sampling with temperature, top-k and top-p.')
-    .argument('<model>', 'Hugging Face model folder (config.json, *.safetensors, tokenizer.json)')
+    .argument('<model>', 'Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or a GGUF / llama2.c file (converted on the fly)')
     .option('--prompt <text>', 'text to continue (default: none, start from BOS)', '')
     .option('--max-tokens <n>', 'tokens to generate at most', (v) => parseInteger(v, '--max-tokens', 0), 256)
     .option('--temperature <t>', 'sampling temperature; 0 is greedy', (v) => parseNumber(v, '--temperature', 0), 0)

@@ -61,7 +61,7 @@ export function registerTrain(program: Command): void {
     .description(
       'Fine-tune a model on the CPU: causal language modelling (lm) or sequence classification with a score head (classify), full or LoRA. Writes a Hugging Face model folder, or a PEFT adapter folder with --lora.',
     )
-    .argument('<model>', 'Hugging Face model folder (config.json, *.safetensors, tokenizer.json)')
+    .argument('<model>', 'Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or a GGUF / llama2.c file (converted on the fly)')
     .requiredOption('--data <file>', 'training data: .txt (one example per non-empty line), .jsonl or .tsv')
     .requiredOption('--out <dir>', 'output folder (must not exist or be empty unless --overwrite)')
     .option('--task <task>', 'lm or classify', 'lm')

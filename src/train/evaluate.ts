@@ -5,6 +5,7 @@
 import { AmalgamError } from '../errors.js';
 import { encodeExamples } from '../data/batching.js';
 import { labelCounts, readDataset, type ReadDatasetOptions } from '../data/datasets.js';
+import { withModelFolder } from '../convert/model-input.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { evaluateAccuracy, evaluateNll } from '../nn/eval.js';
 import { loadModel } from './checkpoint.js';
@@ -50,12 +51,18 @@ export interface EvaluateFileOptions {
 }
 
 /**
- * Evaluate a model folder on a dataset file. LM: every example is BOS + text, truncated to
+ * Evaluate a model (a Hugging Face folder, or a GGUF / llama2.c file, converted on the fly) on a
+ * dataset file. LM: every example is BOS + text, truncated to
  * maxLength (default: the model's max_position_embeddings); the result is the mean NLL per
  * predicted token. Classify: BOS + text truncated to maxLength (default 64), accuracy of the
  * folder's (or adapter's) score head.
  */
-export async function evaluateFile(modelDir: string, dataPath: string, opts: EvaluateFileOptions = {}): Promise<EvalReport> {
+export async function evaluateFile(model: string, dataPath: string, opts: EvaluateFileOptions = {}): Promise<EvalReport> {
+  const report = await withModelFolder(model, (dir) => evaluateFolder(dir, dataPath, opts));
+  return { ...report, model };
+}
+
+async function evaluateFolder(modelDir: string, dataPath: string, opts: EvaluateFileOptions): Promise<EvalReport> {
   const task = opts.task ?? 'lm';
   const tok = await loadTokenizer(modelDir);
   const loaded = await loadModel(modelDir, { adapter: opts.adapter });

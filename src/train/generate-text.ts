@@ -3,6 +3,7 @@
  * generate, decode. Generation stops at EOS, at BOS (which separates documents in models such
  * as llama2.c's), or after maxTokens.
  */
+import { withModelFolder } from '../convert/model-input.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { generate } from '../nn/generate.js';
 import { loadModel } from './checkpoint.js';
@@ -35,7 +36,12 @@ export interface GenerateTextResult {
   tokensPerSecond: number;
 }
 
-export async function generateText(modelDir: string, opts: GenerateTextOptions = {}): Promise<GenerateTextResult> {
+/** Generates from a model: a Hugging Face folder, or a GGUF / llama2.c file (converted on the fly). */
+export async function generateText(model: string, opts: GenerateTextOptions = {}): Promise<GenerateTextResult> {
+  return withModelFolder(model, (dir) => generateFromFolder(dir, opts));
+}
+
+async function generateFromFolder(modelDir: string, opts: GenerateTextOptions): Promise<GenerateTextResult> {
   const tok = await loadTokenizer(modelDir);
   const { model } = await loadModel(modelDir, { adapter: opts.adapter });
   try {

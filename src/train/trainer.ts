@@ -22,6 +22,7 @@ import type { Parameter } from '../nn/params.js';
 import { evaluateAccuracy, evaluateNll } from '../nn/eval.js';
 import { BatchSampler, encodeExamples, packWindows, padClassBatch, padLmBatch, windowBatch, type EncodedExample, type LmBatch } from '../data/batching.js';
 import { readDataset, splitTail, type ReadDatasetOptions, type TextDataset } from '../data/datasets.js';
+import { withModelFolder } from '../convert/model-input.js';
 import { loadTokenizer, type TextTokenizer } from '../data/tokenizer.js';
 import type { FloatDType } from '../tensor/dtype.js';
 import { AdamW, clipGradNorm, GradAccumulator, gradNorm, type OptimParam } from './optimizer.js';
@@ -387,8 +388,15 @@ function encodeFor(task: TrainTask, tok: TextTokenizer, ds: TextDataset, opts: R
   return encodeExamples(tok, ds.examples, { bos: true, maxLength: opts.maxLength ?? 64, truncationSide: opts.truncationSide });
 }
 
-/** Train from a model folder and a dataset file; write a model folder or a PEFT adapter to outDir. */
-export async function runTraining(modelDir: string, dataPath: string, outDir: string, opts: RunTrainingOptions): Promise<RunTrainingResult> {
+/**
+ * Train from a model (a Hugging Face folder, or a GGUF / llama2.c file, converted on the fly) and
+ * a dataset file; write a model folder or a PEFT adapter to outDir.
+ */
+export async function runTraining(model: string, dataPath: string, outDir: string, opts: RunTrainingOptions): Promise<RunTrainingResult> {
+  return withModelFolder(model, (dir) => trainFromFolder(dir, dataPath, outDir, opts));
+}
+
+async function trainFromFolder(modelDir: string, dataPath: string, outDir: string, opts: RunTrainingOptions): Promise<RunTrainingResult> {
   const task = opts.task ?? 'lm';
   const tok = await loadTokenizer(modelDir);
   const readOpts: ReadDatasetOptions = { ...(opts.dataset ?? {}), requireLabels: task === 'classify' };
