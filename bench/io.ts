@@ -6,7 +6,6 @@
  * `.bench-data/` at the repository root and reused while it is still valid.
  */
 import { spawn } from 'node:child_process';
-import { closeSync, openSync } from 'node:fs';
 import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -14,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
+import { fmtBytes, fnv1a, llamaSpecs, positive, specBytes, timeCat } from './common.js';
 import { INDEX_FILE, ShardedSafetensors, ShardedSafetensorsWriter, openSafetensors, type TensorSpec } from '../src/io/safetensors.js';
 import { bf16ToF32, numel } from '../src/tensor/dtype.js';
 
@@ -37,56 +37,7 @@ const HELP = `usage: npm run bench -- io [options]
   --help            this text`;
 
 // ---------------------------------------------------------------------------------------------
-// Checkpoint layout: TinyLlama-1.1B shapes (hidden 2048, MLP 5632, 32 query / 4 KV heads of 64,
-// vocabulary 32000, untied lm_head), with the number of layers chosen to reach the size asked for.
-
-const HIDDEN = 2048;
-const INTERMEDIATE = 5632;
-const KV_DIM = 4 * 64;
-const VOCAB = 32000;
-
-function layerSpecs(i: number): TensorSpec[] {
-  const p = `model.layers.${i}`;
-  return [
-    { name: `${p}.input_layernorm.weight`, dtype: 'BF16', shape: [HIDDEN] },
-    { name: `${p}.self_attn.q_proj.weight`, dtype: 'BF16', shape: [HIDDEN, HIDDEN] },
-    { name: `${p}.self_attn.k_proj.weight`, dtype: 'BF16', shape: [KV_DIM, HIDDEN] },
-    { name: `${p}.self_attn.v_proj.weight`, dtype: 'BF16', shape: [KV_DIM, HIDDEN] },
-    { name: `${p}.self_attn.o_proj.weight`, dtype: 'BF16', shape: [HIDDEN, HIDDEN] },
-    { name: `${p}.post_attention_layernorm.weight`, dtype: 'BF16', shape: [HIDDEN] },
-    { name: `${p}.mlp.gate_proj.weight`, dtype: 'BF16', shape: [INTERMEDIATE, HIDDEN] },
-    { name: `${p}.mlp.up_proj.weight`, dtype: 'BF16', shape: [INTERMEDIATE, HIDDEN] },
-    { name: `${p}.mlp.down_proj.weight`, dtype: 'BF16', shape: [HIDDEN, INTERMEDIATE] },
-  ];
-}
-
-function specBytes(specs: readonly TensorSpec[]): number {
-  return specs.reduce((s, t) => s + numel(t.shape) * 2, 0);
-}
-
-/** Llama-shaped BF16 tensors in checkpoint order, with enough layers for `minBytes` of data. */
-export function llamaSpecs(minBytes: number): { specs: TensorSpec[]; layers: number } {
-  const outer: TensorSpec[] = [
-    { name: 'model.embed_tokens.weight', dtype: 'BF16', shape: [VOCAB, HIDDEN] },
-    { name: 'model.norm.weight', dtype: 'BF16', shape: [HIDDEN] },
-    { name: 'lm_head.weight', dtype: 'BF16', shape: [VOCAB, HIDDEN] },
-  ];
-  const perLayer = specBytes(layerSpecs(0));
-  const layers = Math.max(1, Math.ceil((minBytes - specBytes(outer)) / perLayer));
-  const specs: TensorSpec[] = [outer[0]!];
-  for (let i = 0; i < layers; i++) specs.push(...layerSpecs(i));
-  specs.push(outer[1]!, outer[2]!);
-  return { specs, layers };
-}
-
-// ---------------------------------------------------------------------------------------------
 // Deterministic content
-
-function fnv1a(s: string): number {
-  let h = 0x811c9dc5;
-  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193);
-  return h >>> 0;
-}
 
 /**
  * Plausible BF16 weights from a xorshift32 stream, two values per 32-bit word: random sign and
@@ -212,25 +163,6 @@ function gcFunction(): () => void {
   return typeof gc === 'function' ? gc : () => {};
 }
 
-/** Wall time of `cat files... > /dev/null`, in seconds (process start-up included). */
-function timeCat(files: string[]): Promise<number> {
-  return new Promise((resolvePromise, reject) => {
-    const devnull = openSync('/dev/null', 'w');
-    const t0 = process.hrtime.bigint();
-    const p = spawn('cat', files, { stdio: ['ignore', devnull, 'inherit'] });
-    p.on('error', (e) => {
-      closeSync(devnull);
-      reject(e);
-    });
-    p.on('exit', (code, signal) => {
-      const dt = Number(process.hrtime.bigint() - t0) / 1e9;
-      closeSync(devnull);
-      if (code === 0) resolvePromise(dt);
-      else reject(new Error(`cat exited with ${code ?? signal}`));
-    });
-  });
-}
-
 /** Open the folder and read every tensor (raw or as F32) one after the other; seconds and bytes. */
 async function timeAmalgam(dir: string, mode: 'raw' | 'f32'): Promise<{ seconds: number; bytes: number; sink: number }> {
   const t0 = process.hrtime.bigint();
@@ -284,12 +216,6 @@ function bf16ToF32Reference(src: Uint16Array): ArrayBuffer {
 // ---------------------------------------------------------------------------------------------
 // Output
 
-function fmtBytes(n: number): string {
-  if (n >= 1e9) return `${(n / 1e9).toFixed(3)} GB`;
-  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
-  return `${n} B`;
-}
-
 interface Row {
   label: string;
   bytes: number;
@@ -301,15 +227,6 @@ interface Row {
 function row(label: string, bytes: number, runs: number[]): Row {
   const best = Math.min(...runs);
   return { label, bytes, runs, best, gbps: bytes / best / 1e9 };
-}
-
-function positive(name: string, v: string | undefined, dflt: number, integer = false): number {
-  if (v === undefined) return dflt;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n <= 0 || (integer && !Number.isInteger(n))) {
-    throw Object.assign(new Error(`--${name} must be a positive ${integer ? 'integer' : 'number'}, got "${v}"`), { usage: true });
-  }
-  return n;
 }
 
 export async function run(args: string[]): Promise<void> {

@@ -9,12 +9,12 @@
  * reused while they are still valid.
  */
 import { spawn } from 'node:child_process';
-import { closeSync, openSync } from 'node:fs';
 import { mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { availableParallelism, loadavg } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { fmtBytes, fnv1a, hfConfig, llamaSpecs, positive, specBytes, timeCat } from './common.js';
 import { INDEX_FILE, ShardedSafetensors, ShardedSafetensorsWriter, openSafetensors, type TensorSpec } from '../src/io/safetensors.js';
 import { combineTaskVectors, fusedMerge, gtaVariantOf, useWasmKernels, wasmKernelsAvailable, type MemoryValues } from '../src/merge/gta.js';
 import { getMergeMethod } from '../src/merge/registry.js';
@@ -62,78 +62,7 @@ const HELP = `usage: npm run bench -- merge [options]
   --help            this text`;
 
 // ---------------------------------------------------------------------------------------------
-// Layout: TinyLlama-1.1B shapes (hidden 2048, MLP 5632, 32 query / 4 KV heads of 64, vocabulary
-// 32000, untied lm_head), with enough layers for the size asked for.
-
-const HIDDEN = 2048;
-const INTERMEDIATE = 5632;
-const HEADS = 32;
-const KV_HEADS = 4;
-const KV_DIM = KV_HEADS * (HIDDEN / HEADS);
-const VOCAB = 32000;
-
-function layerSpecs(i: number): TensorSpec[] {
-  const p = `model.layers.${i}`;
-  return [
-    { name: `${p}.input_layernorm.weight`, dtype: 'BF16', shape: [HIDDEN] },
-    { name: `${p}.self_attn.q_proj.weight`, dtype: 'BF16', shape: [HIDDEN, HIDDEN] },
-    { name: `${p}.self_attn.k_proj.weight`, dtype: 'BF16', shape: [KV_DIM, HIDDEN] },
-    { name: `${p}.self_attn.v_proj.weight`, dtype: 'BF16', shape: [KV_DIM, HIDDEN] },
-    { name: `${p}.self_attn.o_proj.weight`, dtype: 'BF16', shape: [HIDDEN, HIDDEN] },
-    { name: `${p}.post_attention_layernorm.weight`, dtype: 'BF16', shape: [HIDDEN] },
-    { name: `${p}.mlp.gate_proj.weight`, dtype: 'BF16', shape: [INTERMEDIATE, HIDDEN] },
-    { name: `${p}.mlp.up_proj.weight`, dtype: 'BF16', shape: [INTERMEDIATE, HIDDEN] },
-    { name: `${p}.mlp.down_proj.weight`, dtype: 'BF16', shape: [HIDDEN, INTERMEDIATE] },
-  ];
-}
-
-function specBytes(specs: readonly TensorSpec[]): number {
-  return specs.reduce((s, t) => s + numel(t.shape) * 2, 0);
-}
-
-function llamaSpecs(minBytes: number): { specs: TensorSpec[]; layers: number } {
-  const outer: TensorSpec[] = [
-    { name: 'model.embed_tokens.weight', dtype: 'BF16', shape: [VOCAB, HIDDEN] },
-    { name: 'model.norm.weight', dtype: 'BF16', shape: [HIDDEN] },
-    { name: 'lm_head.weight', dtype: 'BF16', shape: [VOCAB, HIDDEN] },
-  ];
-  const perLayer = specBytes(layerSpecs(0));
-  const layers = Math.max(1, Math.ceil((minBytes - specBytes(outer)) / perLayer));
-  const specs: TensorSpec[] = [outer[0]!];
-  for (let i = 0; i < layers; i++) specs.push(...layerSpecs(i));
-  specs.push(outer[1]!, outer[2]!);
-  return { specs, layers };
-}
-
-function hfConfig(layers: number): Record<string, unknown> {
-  return {
-    architectures: ['LlamaForCausalLM'],
-    model_type: 'llama',
-    vocab_size: VOCAB,
-    hidden_size: HIDDEN,
-    intermediate_size: INTERMEDIATE,
-    num_hidden_layers: layers,
-    num_attention_heads: HEADS,
-    num_key_value_heads: KV_HEADS,
-    max_position_embeddings: 2048,
-    rms_norm_eps: 1e-5,
-    rope_theta: 10000.0,
-    hidden_act: 'silu',
-    tie_word_embeddings: false,
-    bos_token_id: 1,
-    eos_token_id: 2,
-    torch_dtype: 'bfloat16',
-  };
-}
-
-// ---------------------------------------------------------------------------------------------
 // Deterministic content
-
-function fnv1a(s: string): number {
-  let h = 0x811c9dc5;
-  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193);
-  return h >>> 0;
-}
 
 function streamSeed(name: string, seed: number, model: number): number {
   return (fnv1a(name) ^ Math.imul(seed, 0x9e3779b9) ^ Math.imul(model + 1, 0x85ebca6b)) | 0 || 0x2545f491;
@@ -285,25 +214,6 @@ async function dropFromCache(files: readonly string[]): Promise<boolean> {
     if (!ok) return false;
   }
   return true;
-}
-
-/** Wall time of `cat files... > /dev/null`, in seconds (process start-up included). */
-function timeCat(files: string[]): Promise<number> {
-  return new Promise((resolvePromise, reject) => {
-    const devnull = openSync('/dev/null', 'w');
-    const t0 = process.hrtime.bigint();
-    const p = spawn('cat', files, { stdio: ['ignore', devnull, 'inherit'] });
-    p.on('error', (e) => {
-      closeSync(devnull);
-      reject(e);
-    });
-    p.on('exit', (code, signal) => {
-      const dt = Number(process.hrtime.bigint() - t0) / 1e9;
-      closeSync(devnull);
-      if (code === 0) resolvePromise(dt);
-      else reject(new Error(`cat exited with ${code ?? signal}`));
-    });
-  });
 }
 
 /**
@@ -540,21 +450,6 @@ function checkKernels(cases: number, log: (s: string) => void): number {
 
 // ---------------------------------------------------------------------------------------------
 // Output
-
-function fmtBytes(n: number): string {
-  if (n >= 1e9) return `${(n / 1e9).toFixed(3)} GB`;
-  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
-  return `${n} B`;
-}
-
-function positive(name: string, v: string | undefined, dflt: number, integer = false): number {
-  if (v === undefined) return dflt;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n <= 0 || (integer && !Number.isInteger(n))) {
-    throw Object.assign(new Error(`--${name} must be a positive ${integer ? 'integer' : 'number'}, got "${v}"`), { usage: true });
-  }
-  return n;
-}
 
 async function shardFiles(modelDir: string): Promise<string[]> {
   const src = (await openSafetensors(join(modelDir, INDEX_FILE))) as ShardedSafetensors;
