@@ -192,7 +192,7 @@ export interface EighLowestResult {
  * implicit QL, eigenvectors by inverse iteration on the tridiagonal matrix (re-orthogonalised
  * within clusters of close eigenvalues, from seeded start vectors) and the reflectors applied
  * back. It costs about (2/3)·n³ multiply-adds plus O(n²) per eigenvector; for a few
- * eigenvectors of a large matrix it is several times faster than `eigh` (4× at n = 2048).
+ * eigenvectors of a large matrix it is several times faster than `eigh` (5× at n = 2048).
  * Eigenvectors of repeated eigenvalues are an orthonormal basis of their eigenspace, not the one
  * `eigh` returns.
  */
@@ -267,13 +267,24 @@ function householderTridiagonal(w: Float64Array, n: number): { d: Float64Array; 
     for (let i = s + 1; i < n; i++) {
       const io = i * n;
       const vi = w[so + i]!;
-      let acc = w[io + i]! * vi;
-      for (let j = s + 1; j < i; j++) {
+      // Two partial sums, so that consecutive additions do not wait on each other.
+      let acc0 = w[io + i]! * vi;
+      let acc1 = 0;
+      let j = s + 1;
+      for (; j + 1 < i; j += 2) {
+        const b0 = w[io + j]!;
+        const b1 = w[io + j + 1]!;
+        acc0 += b0 * w[so + j]!;
+        acc1 += b1 * w[so + j + 1]!;
+        p[j] = p[j]! + b0 * vi;
+        p[j + 1] = p[j + 1]! + b1 * vi;
+      }
+      if (j < i) {
         const b = w[io + j]!;
-        acc += b * w[so + j]!;
+        acc0 += b * w[so + j]!;
         p[j] = p[j]! + b * vi;
       }
-      p[i] = p[i]! + acc;
+      p[i] = p[i]! + (acc0 + acc1);
     }
     let pv = 0;
     for (let i = s + 1; i < n; i++) {
@@ -286,7 +297,12 @@ function householderTridiagonal(w: Float64Array, n: number): { d: Float64Array; 
       const io = i * n;
       const vi = w[so + i]!;
       const qi = p[i]!;
-      for (let j = s + 1; j <= i; j++) w[io + j] = w[io + j]! - vi * p[j]! - qi * w[so + j]!;
+      let j = s + 1;
+      for (; j + 1 <= i; j += 2) {
+        w[io + j] = w[io + j]! - vi * p[j]! - qi * w[so + j]!;
+        w[io + j + 1] = w[io + j + 1]! - vi * p[j + 1]! - qi * w[so + j + 1]!;
+      }
+      if (j <= i) w[io + j] = w[io + j]! - vi * p[j]! - qi * w[so + j]!;
     }
   }
   if (n >= 2) {
