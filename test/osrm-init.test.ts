@@ -3,6 +3,7 @@ import { test } from 'node:test';
 import { ReferenceBackend } from '../src/backend/reference.js';
 import { makeLlamaConfig } from '../src/nn/config.js';
 import { LlamaModel } from '../src/nn/model.js';
+import { AmalgamError } from '../src/errors.js';
 import { Rng } from '../src/tensor/rng.js';
 import { eigh } from '../src/tensor/linalg.js';
 import {
@@ -15,6 +16,7 @@ import {
   orthonormalControlInit,
   orthonormalityError,
   osrmInit,
+  osrmInitParallel,
   othersSecondMoment,
   randomOrthonormalBasis,
   rayleighQuotients,
@@ -191,6 +193,22 @@ test('covariance mode on wide features (the partial eigensolver): the same bars,
       for (const v of rayleighQuotients(x.A, D, 8, d)) assert.ok(Math.abs(v) <= 1e-12 * scale, `${rows} rows: quotient ${v}`);
     }
   }
+});
+
+test('osrmInitParallel: worker threads give osrmInit\'s result bit for bit', async () => {
+  const d = 300;
+  const data = syntheticTasks(11, d, 3, 320);
+  const stats = data.map((s, i) => statsOf(`t${i}`, s, d));
+  const opts = { mode: 'covariance' as const, rank: 8, seed: 3 };
+  const sync = osrmInit(stats, opts);
+  assert.deepEqual(await osrmInitParallel(stats, opts, 2), sync);
+  assert.deepEqual(await osrmInitParallel(stats, opts, 1), sync);
+  // Narrow groups and mean mode run in place.
+  const narrow = syntheticTasks(12, 64, 3, 100).map((s, i) => statsOf(`t${i}`, s, 64));
+  assert.deepEqual(await osrmInitParallel(narrow, opts, 2), osrmInit(narrow, opts));
+  assert.deepEqual(await osrmInitParallel(stats, { ...opts, mode: 'mean' }, 2), osrmInit(stats, { ...opts, mode: 'mean' }));
+  // An error inside a worker names the group.
+  await assert.rejects(osrmInitParallel(stats, { ...opts, rank: d + 1 }, 2), (e: unknown) => e instanceof AmalgamError && e.key === 'g' && /exceeds the feature width/.test(e.message));
 });
 
 test('synthetic sanity check: interference random ≫ mean ≳ covariance', () => {

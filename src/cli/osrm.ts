@@ -21,6 +21,7 @@ interface InitCliOptions {
   truncationSide: string;
   textField?: string;
   batchSize: number;
+  jobs?: number;
   overwrite?: boolean;
   json?: boolean;
   quiet?: boolean;
@@ -81,6 +82,7 @@ export function registerOsrm(program: Command): void {
     .option('--truncation-side <side>', 'right (keep the start) or left (keep BOS + the end), where a --task does not set truncation', 'right')
     .option('--text-field <fields>', '.jsonl: text field(s), comma-separated')
     .option('--batch-size <n>', 'sequences per forward', (v) => parseInteger(v, '--batch-size', 1), 16)
+    .option('-j, --jobs <n>', 'worker threads for the covariance-mode eigenproblems of layers wider than 256 (default: the number of cores)', (v) => parseInteger(v, '--jobs', 1))
     .option('--overwrite', 'replace existing adapter folders')
     .option('--json', 'print the result as one JSON object')
     .option('-q, --quiet', 'no progress lines')
@@ -105,6 +107,7 @@ export function registerOsrm(program: Command): void {
         divisor,
         seed: o.seed,
         batchSize: o.batchSize,
+        ...(o.jobs === undefined ? {} : { jobs: o.jobs }),
         overwrite: o.overwrite,
         log: o.quiet || o.json ? undefined : (line) => process.stderr.write(line + '\n'),
       });

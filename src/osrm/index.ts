@@ -34,6 +34,7 @@ export {
   rowSpaceBasis,
   seededOrthonormal,
 } from './init.js';
+export { type EigenJob, type EigenReply, osrmInitParallel } from './parallel.js';
 export { type OsrmRecipe, type OsrmRecipeInput, type ResolvedOsrmRecipe, initName, osrmRecipeSchema, parseOsrmRecipe, readOsrmRecipe } from './recipe.js';
 export {
   type OsrmInitOutput,

@@ -193,7 +193,7 @@ function canonicalSigns(A: Float64Array, r: number, d: number): void {
  * Feature widths up to this use the full eigendecomposition; wider ones compute only the lowest
  * eigenvectors (`eighLowest`, several times faster at the widths of real models).
  */
-const FULL_EIGH_MAX_DIM = 256;
+export const FULL_EIGH_MAX_DIM = 256;
 
 /**
  * Covariance mode for one group: the r eigenvectors of the symmetric C (d × d) with the smallest
@@ -277,7 +277,8 @@ export function othersSecondMoment(stats: readonly TaskFeatureStats[], t: number
   return C;
 }
 
-function checkAligned(stats: readonly TaskFeatureStats[]): void {
+/** Two tasks at least, collected over the same feature groups. */
+export function checkAligned(stats: readonly TaskFeatureStats[]): void {
   if (stats.length < 2) throw new AmalgamError('E_USAGE', `OSRM needs at least 2 tasks, got ${stats.length}`);
   const ref = stats[0]!.groups.map((g) => g.group.name).join(',');
   for (const s of stats) {

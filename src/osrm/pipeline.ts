@@ -24,6 +24,7 @@ import { Rng } from '../tensor/rng.js';
 import { loadModel } from '../train/checkpoint.js';
 import { trainModel } from '../train/trainer.js';
 import { loraInitHook, orthonormalityError, orthonormalControlInit, osrmInit, othersSecondMoment, rayleighQuotients, type TaskInit } from './init.js';
+import { osrmInitParallel } from './parallel.js';
 import type { RecipeInit, RecipeMerge, ResolvedOsrmRecipe } from './recipe.js';
 import { formatOsrmMarkdown, summarize, type OsrmReport, type RunRecord, type MergeRecord, type SelectivityRecord, type InitCheck } from './report.js';
 import { collectFeatureStats, featureGroups, featureSecondMoment, statsFloats, type FeatureGroup, type TaskFeatureStats } from './stats.js';
@@ -510,6 +511,8 @@ export interface RunOsrmInitOptions {
   seed?: number;
   batchSize?: number;
   overwrite?: boolean;
+  /** Worker threads for the covariance-mode eigenproblems of wide layers (default: the number of cores). */
+  jobs?: number;
   log?: (line: string) => void;
 }
 
@@ -551,7 +554,7 @@ export async function runOsrmInit(modelPath: string, tasks: readonly OsrmInitTas
       );
       opts.log?.(`${t.name}: ${stats[stats.length - 1]!.samples} samples, ${stats[stats.length - 1]!.rows} rows per feature group`);
     }
-    const inits = osrmInit(stats, { mode, rank, seed, center: opts.center, divisor: opts.divisor });
+    const inits = await osrmInitParallel(stats, { mode, rank, seed, center: opts.center, divisor: opts.divisor }, opts.jobs);
     const slots = new Map(model.linearSlots().map((s) => [s.name, s.get()]));
     const outputs: OsrmInitOutput[] = [];
     for (const [ti, init] of inits.entries()) {
