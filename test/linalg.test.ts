@@ -16,6 +16,7 @@ import {
   svd,
   transpose,
 } from '../src/tensor/linalg.js';
+import { linalgWasmAvailable, useLinalgWasm } from '../src/tensor/linalg-wasm.js';
 
 function randn(m: number, n: number, seed: number): Float64Array {
   const rng = new Rng(seed);
@@ -352,4 +353,32 @@ describe('eighLowest', () => {
     assert.throws(() => eighLowest(new Float64Array(3), 2, () => 1), /expected 2×2/);
     assert.throws(() => eighLowest(Float64Array.of(NaN), 1, () => 1), /non-finite/);
   });
+});
+
+test('eighLowest: the WebAssembly reduction gives the TypeScript results bit for bit', (t) => {
+  if (!linalgWasmAvailable()) {
+    // npm ci builds the module (prepare → build:wasm); a CI run without it is a failure.
+    if (process.env.CI === 'true') assert.fail('dist/tensor/linalg-kernels.wasm is not built');
+    t.skip('WebAssembly linear algebra not built (npm run build:wasm)');
+    return;
+  }
+  const h = randn(10, 41, 77);
+  const cases: [Float64Array, number, number][] = [
+    [matmulTN(randn(80, 57, 76), randn(80, 57, 76), 80, 57, 57), 57, 8],
+    [matmulTN(h, h, 10, 41, 41), 41, 33],
+    [withSpectrum([4, -2, 7], 78), 3, 3],
+    [withSpectrum([1, 1, 1, 2, 3, 5, 8, 13], 79), 8, 5],
+  ];
+  try {
+    for (const [a, n, k] of cases) {
+      useLinalgWasm(true);
+      const fast = eighLowest(a, n, () => k);
+      useLinalgWasm(false);
+      const plain = eighLowest(a, n, () => k);
+      assert.deepEqual(fast.values, plain.values, `values, n = ${n}`);
+      assert.deepEqual(fast.vectors, plain.vectors, `vectors, n = ${n}`);
+    }
+  } finally {
+    useLinalgWasm(true);
+  }
 });
