@@ -9,12 +9,14 @@
  * reused while they are still valid.
  */
 import { spawn } from 'node:child_process';
+import { constants } from 'node:fs';
 import { mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { availableParallelism, loadavg } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { fmtBytes, fnv1a, hfConfig, llamaSpecs, positive, specBytes, timeCat } from './common.js';
+import { allocAlignedShared, DIRECT_ALIGN, directFlag } from '../src/io/aligned.js';
 import { INDEX_FILE, ShardedSafetensors, ShardedSafetensorsWriter, openSafetensors, type TensorSpec } from '../src/io/safetensors.js';
 import { combineTaskVectors, fusedMerge, gtaVariantOf, useWasmKernels, wasmKernelsAvailable, type MemoryValues } from '../src/merge/gta.js';
 import { getMergeMethod } from '../src/merge/registry.js';
@@ -55,6 +57,9 @@ const HELP = `usage: npm run bench -- merge [options]
   --cache <mode>    warm: inputs in the page cache (read from RAM); cold: every input file is
                     dropped from the page cache before each timed cat and each merge (read from
                     disk; needs Linux and GNU dd); both (default)
+  --lib <dist|src>  library the timed merges run: the compiled package in dist/, as the amalgam
+                    command runs it, compiled first if a source file is newer (default); or the
+                    TypeScript sources under tsx (about a second more CPU for loading)
   --check-kernels <n>  instead of the benchmark: compare the fused merge kernel (WebAssembly and
                     TypeScript) with the unfused pipeline (taskVector, sparsify, combineTaskVectors)
                     on n random cases, bit for bit
@@ -219,15 +224,32 @@ async function dropFromCache(files: readonly string[]): Promise<boolean> {
 /**
  * Seconds to write `bytes` bytes to a new file at `path` from one reused 8 MiB buffer, fsync it and
  * close it (the merge fsyncs each output shard before renaming it). The file is removed afterwards.
+ * `direct`: through an `O_DIRECT` descriptor from page-aligned memory (the last partial page
+ * through the page cache), as the merge writes its output where it can; undefined where the
+ * platform or file system has no direct I/O.
  */
-async function timeWrite(path: string, bytes: number, settleSeconds: number): Promise<number> {
-  const buf = Buffer.alloc(8 << 20, 0x5a);
+async function timeWrite(path: string, bytes: number, settleSeconds: number, direct = false): Promise<number | undefined> {
+  const flag = directFlag();
+  if (direct && flag === undefined) return undefined;
+  const buf = direct ? new Uint8Array(allocAlignedShared(8 << 20), 0, 8 << 20).fill(0x5a) : Buffer.alloc(8 << 20, 0x5a);
   await rm(path, { force: true });
   await sleep(settleSeconds);
   const t0 = process.hrtime.bigint();
   const fh = await open(path, 'w');
+  const dfh = direct ? await open(path, constants.O_WRONLY | flag!).catch(() => undefined) : undefined;
+  if (direct && !dfh) {
+    await fh.close();
+    await rm(path, { force: true });
+    return undefined;
+  }
   try {
     let done = 0;
+    const aligned = dfh ? bytes - (bytes % DIRECT_ALIGN) : 0;
+    while (done < aligned) {
+      const n = Math.min(buf.length, aligned - done);
+      const { bytesWritten } = await dfh!.write(buf, 0, n, done);
+      done += bytesWritten;
+    }
     while (done < bytes) {
       const n = Math.min(buf.length, bytes - done);
       const { bytesWritten } = await fh.write(buf, 0, n, done);
@@ -235,6 +257,7 @@ async function timeWrite(path: string, bytes: number, settleSeconds: number): Pr
     }
     await fh.sync();
   } finally {
+    await dfh?.close();
     await fh.close();
   }
   const dt = Number(process.hrtime.bigint() - t0) / 1e9;
@@ -258,40 +281,45 @@ interface ChildResult {
   processSeconds?: number;
 }
 
-async function vmHwm(): Promise<number | undefined> {
-  try {
-    const m = /^VmHWM:\s+(\d+)\s+kB/m.exec(await readFile('/proc/self/status', 'utf8'));
-    return m ? Number(m[1]) * 1024 : undefined;
-  } catch {
-    return undefined;
+/**
+ * The library the timed merges run: the compiled package in dist/ (what `amalgam merge` runs),
+ * compiled first when some source file is newer than its output; or the TypeScript sources under
+ * tsx (`--lib src`), whose loader and on-the-fly compilation add about a second of CPU.
+ */
+async function mergeLibrary(from: 'dist' | 'src', log: (s: string) => void): Promise<{ entry: string; execArgv: string[] }> {
+  const root = fileURLToPath(new URL('..', import.meta.url));
+  if (from === 'src') return { entry: join(root, 'src/merge/run.ts'), execArgv: process.execArgv };
+  const stale = await staleOutputs(join(root, 'src'), join(root, 'dist'));
+  if (stale) {
+    log(`  compiling src/ to dist/ (tsc -p tsconfig.json): ${stale} is newer than its output`);
+    await new Promise<void>((ok, fail) => {
+      const p = spawn(process.execPath, [join(root, 'node_modules/typescript/bin/tsc'), '-p', join(root, 'tsconfig.json')], { stdio: 'inherit' });
+      p.on('error', fail);
+      p.on('exit', (code) => (code === 0 ? ok() : fail(new Error(`tsc exited with ${code}`))));
+    });
   }
+  return { entry: join(root, 'dist/merge/run.js'), execArgv: [] };
 }
 
-/** Child mode: one merge, reported as JSON on stdout. */
-async function childMerge(configPath: string, outDir: string, jobs: number | undefined): Promise<void> {
-  const { runMerge } = await import('../src/merge/run.js');
-  const t0 = performance.now();
-  const r = await runMerge(configPath, outDir, { baseDir: dirname(configPath), overwrite: true, writeModelCard: true, ...(jobs ? { jobs } : {}) });
-  const seconds = (performance.now() - t0) / 1000;
-  const usage = process.resourceUsage();
-  const e = r.execution!;
-  const result: ChildResult = {
-    seconds,
-    peakRss: (await vmHwm()) ?? usage.maxRSS * 1024,
-    userSeconds: usage.userCPUTime / 1e6,
-    systemSeconds: usage.systemCPUTime / 1e6,
-    jobs: e.jobs,
-    bytesRead: e.bytesRead,
-    bytesWritten: e.bytesWritten,
-    memoryBudget: e.memoryBudget,
-    peakInFlightBytes: e.peakInFlightBytes,
-  };
-  console.log(JSON.stringify(result));
+/** The first source file whose compiled .js is missing or older, or undefined. */
+async function staleOutputs(srcDir: string, distDir: string): Promise<string | undefined> {
+  for (const ent of await readdir(srcDir, { withFileTypes: true })) {
+    const src = join(srcDir, ent.name);
+    if (ent.isDirectory()) {
+      const s = await staleOutputs(src, join(distDir, ent.name));
+      if (s) return s;
+    } else if (ent.name.endsWith('.ts') && !ent.name.endsWith('.d.ts')) {
+      const out = join(distDir, ent.name.replace(/\.ts$/, '.js'));
+      const [a, b] = await Promise.all([stat(src), stat(out).catch(() => undefined)]);
+      if (!b || b.mtimeMs < a.mtimeMs) return src;
+    }
+  }
+  return undefined;
 }
 
-function spawnMerge(configPath: string, outDir: string, jobs: number | undefined): Promise<ChildResult> {
-  const runTs = fileURLToPath(new URL('./run.ts', import.meta.url));
-  const args = [...process.execArgv, runTs, 'merge', '--child-config', configPath, '--child-out', outDir, ...(jobs ? ['--jobs', String(jobs)] : [])];
+function spawnMerge(lib: { entry: string; execArgv: string[] }, configPath: string, outDir: string, jobs: number | undefined): Promise<ChildResult> {
+  const child = fileURLToPath(new URL('./merge-child.mjs', import.meta.url));
+  const args = [...lib.execArgv, child, lib.entry, configPath, outDir, ...(jobs ? [String(jobs)] : [])];
   return new Promise((resolvePromise, reject) => {
     const t0 = process.hrtime.bigint();
     const p = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -480,8 +508,7 @@ export async function run(args: string[]): Promise<void> {
       cache: { type: 'string' },
       settle: { type: 'string' },
       'check-kernels': { type: 'string' },
-      'child-config': { type: 'string' },
-      'child-out': { type: 'string' },
+      lib: { type: 'string' },
       json: { type: 'boolean' },
       help: { type: 'boolean' },
     },
@@ -491,10 +518,6 @@ export async function run(args: string[]): Promise<void> {
     return;
   }
   const jobs = values.jobs === undefined ? undefined : positive('jobs', values.jobs, 1, true);
-  if (values['child-config'] !== undefined) {
-    await childMerge(values['child-config'], values['child-out'] ?? '', jobs);
-    return;
-  }
   const json = values.json === true;
   const log = (s: string) => (json ? console.error(s) : console.log(s));
   if (values['check-kernels'] !== undefined) {
@@ -533,6 +556,10 @@ export async function run(args: string[]): Promise<void> {
   }
   const configPath = join(dir, 'ties.yml');
   await writeFile(configPath, tiesConfig());
+  const libFrom = values.lib ?? 'dist';
+  if (libFrom !== 'dist' && libFrom !== 'src') throw new Error(`--lib must be dist or src, got ${libFrom}`);
+  const lib = await mergeLibrary(libFrom, log);
+  log(`  merges run ${libFrom === 'dist' ? 'the compiled library (dist/), as amalgam merge does' : 'the TypeScript sources under tsx'}`);
   const outDir = join(dir, 'out');
 
   const files: string[] = [];
@@ -575,7 +602,7 @@ export async function run(args: string[]): Promise<void> {
     for (let r = 0; r < repeats; r++) {
       await rm(outDir, { recursive: true, force: true });
       await prepare(true);
-      const res = await spawnMerge(configPath, outDir, jobs);
+      const res = await spawnMerge(lib, configPath, outDir, jobs);
       scenario.merges.push(res);
       log(`  ${cache} merge ${r + 1}/${repeats}: ${res.seconds.toFixed(2)} s (${res.jobs} jobs, CPU ${(res.userSeconds + res.systemSeconds).toFixed(1)} s), peak RSS ${fmtBytes(res.peakRss)}; cat ${scenario.catRuns.map((c) => c.toFixed(2)).join(', ')} s`);
     }
@@ -583,12 +610,23 @@ export async function run(args: string[]): Promise<void> {
   }
   if (scenarios.length === 0) throw new Error('nothing was measured: the cold page cache is not available here; use --cache warm');
   const outBytes = await weightBytes(outDir);
-  const writeRuns = [await timeWrite(join(dir, '.floor-write.tmp'), outBytes, settle), await timeWrite(join(dir, '.floor-write.tmp'), outBytes, settle)];
+  // The floor's write is the faster of writing through the page cache and writing with O_DIRECT
+  // (what the merge does where it can), best of 2 each.
+  const floorPath = join(dir, '.floor-write.tmp');
+  const writeRuns: number[] = [];
+  for (let r = 0; r < 2; r++) writeRuns.push((await timeWrite(floorPath, outBytes, settle))!);
+  const directRuns: number[] = [];
+  for (let r = 0; r < 2; r++) {
+    const t = await timeWrite(floorPath, outBytes, settle, true);
+    if (t !== undefined) directRuns.push(t);
+  }
   log('  checking three output tensors against a plain reference TIES');
   await verifyOutput(dir, outDir, ['model.layers.0.self_attn.k_proj.weight', 'model.norm.weight', `model.layers.${layers - 1}.self_attn.v_proj.weight`]);
   if (!values['keep-output']) await rm(outDir, { recursive: true, force: true });
 
-  const write = Math.min(...writeRuns);
+  const bufferedWrite = Math.min(...writeRuns);
+  const directWrite = directRuns.length ? Math.min(...directRuns) : undefined;
+  const write = Math.min(bufferedWrite, directWrite ?? Infinity);
   const results = scenarios.map((sc) => {
     const best = sc.merges.reduce((a, b) => (b.seconds < a.seconds ? b : a));
     const cat = Math.min(...sc.catRuns);
@@ -612,9 +650,10 @@ export async function run(args: string[]): Promise<void> {
           models: { dir, count: MODELS.length, layers, tensors: specs.length, dataBytesEach: dataBytes, inputFiles: files.length, inputBytes, dtype: 'BF16' },
           node: process.version,
           kernels: wasmKernelsAvailable() ? 'wasm' : 'typescript',
+          library: libFrom,
           cores: availableParallelism(),
           loadAverage1m: loadavg()[0],
-          write: { seconds: write, runs: writeRuns, bytes: outBytes },
+          write: { seconds: write, runs: writeRuns, directRuns, bytes: outBytes },
           settleSeconds: settle,
           coldSkipped,
           scenarios: results.map((r) => ({
@@ -637,11 +676,15 @@ export async function run(args: string[]): Promise<void> {
   console.log('');
   console.log(`inputs: ${MODELS.length} models x ${fmtBytes(dataBytes)} BF16 (${files.length} files, ${fmtBytes(inputBytes)}); ${availableParallelism()} cores; load average ${loadavg()[0]!.toFixed(2)}`);
   console.log(`kernels: ${kernels}`);
-  console.log(`write floor: ${fmtBytes(outBytes)} written + fsync ${write.toFixed(3)} s (best of 2: ${writeRuns.map((w) => w.toFixed(2)).join(', ')}); ${settle ? `${settle} s settle before each timed merge and write` : 'no settle'}`);
+  const runsText = (runs: number[]) => runs.map((w) => w.toFixed(2)).join(', ');
+  console.log(
+    `write floor: ${fmtBytes(outBytes)} written + fsync ${write.toFixed(3)} s (best of: page cache ${runsText(writeRuns)}; ` +
+      `${directRuns.length ? `O_DIRECT ${runsText(directRuns)}` : 'no O_DIRECT here'}); ${settle ? `${settle} s settle before each timed merge and write` : 'no settle'}`,
+  );
   for (const r of results) {
     const where = r.cache === 'warm' ? 'page cache warm (inputs read from RAM)' : 'page cache cold (inputs read from disk)';
     console.log(`${where}:`);
-    console.log(`  merge (runMerge in a child process, ${r.best.jobs} jobs)   ${r.best.seconds.toFixed(3)} s${repeats > 1 ? ` (best of ${repeats}: ${r.merges.map((m) => m.seconds.toFixed(2)).join(', ')})` : ''}; CPU ${r.cpu.toFixed(1)} s (${(r.cpu / r.best.seconds).toFixed(2)} cores busy)`);
+    console.log(`  merge (runMerge in a child process, ${r.best.jobs} jobs, ${libFrom})   ${r.best.seconds.toFixed(3)} s${repeats > 1 ? ` (best of ${repeats}: ${r.merges.map((m) => m.seconds.toFixed(2)).join(', ')})` : ''}; CPU ${r.cpu.toFixed(1)} s (${(r.cpu / r.best.seconds).toFixed(2)} cores busy)`);
     console.log(`  I/O floor                                  ${r.floor.toFixed(3)} s = cat inputs > /dev/null ${r.cat.toFixed(3)} s + write and fsync ${write.toFixed(3)} s`);
     console.log(`  ratio merge / floor                        ${r.ratio.toFixed(2)}  (bar <= 1.5: ${r.speedOk ? 'PASS' : 'FAIL'})`);
   }

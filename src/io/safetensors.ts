@@ -5,11 +5,13 @@
  *
  * Validation follows formats.md §2.2, the rules of the reference implementation.
  */
+import { constants } from 'node:fs';
 import { open, rename, rm, stat, writeFile, readFile, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, normalize, resolve, sep } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { AmalgamError } from '../errors.js';
 import { bf16ToF32, byteSize, decodeToF32, dtypeAlignment, dtypeBits, encodeFromF32, f16ToF32, isDType, numel, type DType } from '../tensor/dtype.js';
+import { DIRECT_ALIGN, directFlag, directWritesEnabled, isPageAligned, splitForDirect } from './aligned.js';
 import { FileByteReader, ioError, MemoryByteReader, type ByteReader, type TensorInfo, type TensorSource } from './source.js';
 import { keysInOrder, parseStrictJson, StrictJsonError, type JsonValue } from './strict-json.js';
 
@@ -626,11 +628,24 @@ export class SafetensorsFileWriter {
     private readonly offsets: Map<string, [number, number]>,
     private readonly dataStart: number,
     readonly totalBytes: number,
+    private direct: FileHandle | undefined,
   ) {
     this.pending = new Set(specs.keys());
   }
 
-  static async create(path: string, tensors: readonly TensorSpec[], metadata: Record<string, string> = { format: 'pt' }): Promise<SafetensorsFileWriter> {
+  /**
+   * Lays the file out and opens it under a temporary name. With `directWrites` (Linux, unless
+   * `AMALGAM_DIRECT_IO=0`), the whole pages of tensor data given in page-aligned memory
+   * (`allocAlignedShared`) at a matching offset are written with `O_DIRECT`, bypassing the page
+   * cache; everything else, and everything on a file system without direct I/O, is written
+   * through the page cache.
+   */
+  static async create(
+    path: string,
+    tensors: readonly TensorSpec[],
+    metadata: Record<string, string> = { format: 'pt' },
+    opts: { directWrites?: boolean } = {},
+  ): Promise<SafetensorsFileWriter> {
     const { header, offsets, dataBytes } = layoutSafetensors(tensors, metadata, path);
     const tmp = tempPathFor(path);
     let fh: FileHandle;
@@ -639,16 +654,36 @@ export class SafetensorsFileWriter {
     } catch (e) {
       throw ioError(tmp, e);
     }
+    let direct: FileHandle | undefined;
     try {
       await writeFully(fh, header, 0);
       if (dataBytes > 0) await fh.truncate(header.length + dataBytes);
+      const flag = directFlag();
+      if (opts.directWrites && flag !== undefined && directWritesEnabled()) {
+        // File systems without direct I/O (tmpfs, some network mounts) refuse the flag: then
+        // every write goes through the page cache.
+        direct = await open(tmp, constants.O_WRONLY | flag).catch(() => undefined);
+      }
     } catch (e) {
+      await direct?.close().catch(() => {});
       await fh.close();
       await rm(tmp, { force: true });
       throw ioError(tmp, e);
     }
     const specs = new Map(tensors.map((t) => [t.name, { name: t.name, dtype: t.dtype, shape: t.shape.slice() }]));
-    return new SafetensorsFileWriter(path, tmp, fh, specs, offsets, header.length, header.length + dataBytes);
+    return new SafetensorsFileWriter(path, tmp, fh, specs, offsets, header.length, header.length + dataBytes, direct);
+  }
+
+  /** Byte position of a tensor's data in the file. */
+  positionOf(name: string): number {
+    const o = this.offsets.get(name);
+    if (!o) throw new AmalgamError('E_USAGE', 'tensor is not part of this file', { file: this.path, key: name });
+    return this.dataStart + o[0];
+  }
+
+  /** Whether writes may bypass the page cache (see `create`). */
+  get writesDirect(): boolean {
+    return this.direct !== undefined;
   }
 
   has(name: string): boolean {
@@ -668,7 +703,51 @@ export class SafetensorsFileWriter {
     checkDataLength({ ...spec, data }, e - b, this.path);
     if (!this.fh) throw new AmalgamError('E_IO', 'writer is closed', { file: this.path });
     this.pending.delete(name);
-    await writeFully(this.fh, data, this.dataStart + b);
+    const pos = this.dataStart + b;
+    const fh = this.fh;
+    try {
+      const split = this.direct && isPageAligned(data.buffer) ? splitForDirect(pos, data.byteOffset, data.length) : undefined;
+      if (!split || split.middle === 0) {
+        await writeFully(fh, data, pos);
+        return;
+      }
+      const { head, middle } = split;
+      await Promise.all([
+        head > 0 ? writeFully(fh, data.subarray(0, head), pos) : undefined,
+        head + middle < data.length ? writeFully(fh, data.subarray(head + middle), pos + head + middle) : undefined,
+        this.writeDirect(data.subarray(head, head + middle), pos + head),
+      ]);
+    } catch (e) {
+      throw e instanceof AmalgamError ? e : ioError(this.tmp, e);
+    }
+  }
+
+  /**
+   * Whole pages at a page-aligned position from page-aligned memory, bypassing the page cache.
+   * If the file system refuses a direct write, that write and every later one go through the
+   * page cache instead (a real I/O error then surfaces from there).
+   */
+  private async writeDirect(data: Uint8Array, position: number): Promise<void> {
+    let done = 0;
+    while (done < data.length && this.direct) {
+      const direct = this.direct;
+      let n: number;
+      try {
+        n = (await direct.write(data, done, Math.min(1 << 30, data.length - done), position + done)).bytesWritten;
+      } catch {
+        if (this.direct === direct) {
+          this.direct = undefined;
+          void direct.close().catch(() => {});
+        }
+        break;
+      }
+      done += n;
+      if (n === 0 || n % DIRECT_ALIGN !== 0) break;
+    }
+    if (done < data.length) {
+      if (!this.fh) throw new AmalgamError('E_IO', 'writer is closed', { file: this.path });
+      await writeFully(this.fh, data.subarray(done), position + done);
+    }
   }
 
   /** Convert float32 values to the tensor's dtype and write them. */
@@ -688,7 +767,10 @@ export class SafetensorsFileWriter {
     this.assertComplete();
     const fh = this.fh!;
     this.fh = undefined;
+    const direct = this.direct;
+    this.direct = undefined;
     await fh.sync();
+    await direct?.close();
     await fh.close();
     await rename(this.tmp, this.path);
     this.finished = true;
@@ -697,6 +779,9 @@ export class SafetensorsFileWriter {
   async abort(): Promise<void> {
     const fh = this.fh;
     this.fh = undefined;
+    const direct = this.direct;
+    this.direct = undefined;
+    if (direct) await direct.close().catch(() => {});
     if (fh) await fh.close().catch(() => {});
     if (!this.finished) await rm(this.tmp, { force: true });
   }
@@ -722,6 +807,8 @@ export interface ShardedWriterOptions {
   alwaysIndex?: boolean;
   /** Extra keys for the index's `metadata` object (besides `total_size`). */
   indexMetadata?: Record<string, string | number>;
+  /** Write whole pages from page-aligned memory with O_DIRECT (see `SafetensorsFileWriter.create`). */
+  directWrites?: boolean;
 }
 
 export interface ShardedWriteResult {
@@ -784,7 +871,7 @@ export class ShardedSafetensorsWriter {
     const weightMap: Record<string, string> = Object.create(null);
     try {
       for (let i = 0; i < n; i++) {
-        writers.push(await SafetensorsFileWriter.create(join(dir, fileNames[i]!), groups[i]!, metadata));
+        writers.push(await SafetensorsFileWriter.create(join(dir, fileNames[i]!), groups[i]!, metadata, { directWrites: opts.directWrites ?? false }));
         for (const t of groups[i]!) weightMap[t.name] = fileNames[i]!;
       }
     } catch (e) {
@@ -793,6 +880,16 @@ export class ShardedSafetensorsWriter {
     }
     const indexName = n > 1 || opts.alwaysIndex ? `${prefix}.safetensors.index.json` : undefined;
     return new ShardedSafetensorsWriter(dir, writers, fileNames, weightMap, total, indexName, opts.indexMetadata ?? {});
+  }
+
+  /** Byte position of a tensor's data in its shard. */
+  positionOf(name: string): number {
+    return this.writer(name).positionOf(name);
+  }
+
+  /** Whether some shard writes bypass the page cache. */
+  get writesDirect(): boolean {
+    return this.writers.some((w) => w.writesDirect);
   }
 
   private writer(name: string): SafetensorsFileWriter {

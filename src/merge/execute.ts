@@ -31,6 +31,7 @@ import { basename } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import cliProgress from 'cli-progress';
 import { AmalgamError } from '../errors.js';
+import { allocAlignedShared, DIRECT_ALIGN } from '../io/aligned.js';
 import { withStagingDir } from '../io/atomic-dir.js';
 import { canReadRawInto, openSafetensors, ShardedSafetensorsWriter, type RawIntoSource } from '../io/safetensors.js';
 import type { TensorSource } from '../io/source.js';
@@ -287,7 +288,7 @@ class BufferPool {
   takeShared(bytes: number): SharedArrayBuffer {
     let best: SharedArrayBuffer | undefined;
     for (const b of this.order) if (b instanceof SharedArrayBuffer && b.byteLength >= bytes && (!best || b.byteLength < best.byteLength)) best = b;
-    return (best && (this.reuse(best.byteLength, true) as SharedArrayBuffer)) || new SharedArrayBuffer(bytes);
+    return (best && (this.reuse(best.byteLength, true) as SharedArrayBuffer)) || allocAlignedShared(bytes);
   }
 
   private reuse(bytes: number, shared: boolean): ArrayBuffer | SharedArrayBuffer | undefined {
@@ -431,7 +432,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
         const writer = await ShardedSafetensorsWriter.create(
           stage.path,
           plan.tensors.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape })),
-          { maxShardBytes: shardSize, metadata: { format: 'pt' }, indexMetadata: { amalgam_version: AMALGAM_VERSION } },
+          { maxShardBytes: shardSize, metadata: { format: 'pt' }, indexMetadata: { amalgam_version: AMALGAM_VERSION }, directWrites: true },
         );
         try {
           const compute = async (t: PlannedTensor): Promise<{ bytes: Uint8Array; readBytes: number; reuse: (ArrayBuffer | SharedArrayBuffer)[] }> => {
@@ -443,6 +444,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
             const inputs: ComputeInput[] = [];
             let readBytes = 0;
             let outBuffer: ArrayBuffer | SharedArrayBuffer | undefined;
+            let outOffset = 0;
             if (t.permutation) {
               readBytes = await readPermutedInputs(plan, t, sources, inputs);
             } else if (streamed.has(t.index)) {
@@ -452,7 +454,11 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
                 inputs.push({ model: i.model, shape: i.shape, dtype: i.dtype, file: { path: loc.path, offset: loc.offset } });
               }
               buffers.trim(Math.max(0, budget - inFlightCost));
-              outBuffer = buffers.takeShared(byteSize(t.dtype, numel(t.shape))!);
+              // Place the result at its file position modulo a page, so the writer can send its
+              // whole pages straight to the disk.
+              const phase = writer.writesDirect ? writer.positionOf(t.name) % DIRECT_ALIGN : 0;
+              outOffset = phase % (byteSize(t.dtype, 1) ?? 4) === 0 ? phase : 0;
+              outBuffer = buffers.takeShared(byteSize(t.dtype, numel(t.shape))! + outOffset);
             } else if (stored.has(t.index)) {
               buffers.trim(Math.max(0, budget - inFlightCost));
               const read = await Promise.all(
@@ -491,11 +497,16 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               outDtype: t.dtype,
               outShape: t.shape,
               seed: plan.randomSeed,
-              ...(outBuffer ? { outBuffer } : {}),
+              ...(outBuffer ? { outBuffer, outOffset } : {}),
             };
             const transfer = inputs.flatMap((x) => (x.raw ?? x.data ? [(x.raw ?? x.data!).buffer as ArrayBuffer] : []));
             if (outBuffer instanceof ArrayBuffer) transfer.push(outBuffer);
             const result = pool ? await pool.run(task, transfer) : computeTensor(task);
+            if (outBuffer instanceof SharedArrayBuffer && result.bytes.buffer instanceof SharedArrayBuffer && result.bytes.buffer !== outBuffer) {
+              // A result in the shared output buffer comes back from a worker as a view of another
+              // SharedArrayBuffer object over the same memory: view the pooled (page-aligned) one.
+              result.bytes = new Uint8Array(outBuffer, result.bytes.byteOffset, result.bytes.byteLength);
+            }
             if (result.warnings.length) {
               warningsByTensor.set(t.index, result.warnings);
               for (const w of result.warnings) opts.onWarning?.(w);

@@ -49,6 +49,11 @@ export interface ComputeTask {
    * transferred (ArrayBuffer) or shared (SharedArrayBuffer, then the result is a view of it).
    */
   outBuffer?: ArrayBuffer | SharedArrayBuffer;
+  /**
+   * Byte offset of the result in `outBuffer` (default 0; a multiple of the output's element
+   * size), chosen so the result lines up with its position in the output file for direct writes.
+   */
+  outOffset?: number;
 }
 
 export interface ComputeResult {
@@ -158,9 +163,11 @@ function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<strin
   }
   const n = numel(task.outShape);
   const outBytes = byteSize(task.outDtype, n)!;
-  const buf = task.outBuffer && task.outBuffer.byteLength >= outBytes ? task.outBuffer : new ArrayBuffer(outBytes);
+  const given = task.outBuffer !== undefined && task.outBuffer.byteLength >= (task.outOffset ?? 0) + outBytes;
+  const buf = given ? task.outBuffer! : new ArrayBuffer(outBytes);
+  const at = given ? (task.outOffset ?? 0) : 0;
   const out: MemoryValues =
-    task.outDtype === 'F32' ? { dtype: 'F32', data: new Float32Array(buf, 0, n) } : { dtype: task.outDtype, data: new Uint16Array(buf, 0, n) };
+    task.outDtype === 'F32' ? { dtype: 'F32', data: new Float32Array(buf, at, n) } : { dtype: task.outDtype, data: new Uint16Array(buf, at, n) };
   const base = inputs.find((i) => i.model === task.base);
   if (!base || base.shape.length !== task.outShape.length || base.shape.some((d, k) => d !== task.outShape[k])) return undefined;
   const ctx = {
@@ -172,7 +179,7 @@ function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<strin
     warn: (m: string) => warnings.push(m),
   };
   if (!fusedMerge(v, ctx, inputs, out)) return undefined;
-  return new Uint8Array(buf, 0, outBytes);
+  return new Uint8Array(buf, at, outBytes);
 }
 
 /** The stored bytes of an input given by its file location. */
