@@ -28,7 +28,7 @@ import {
   sparsify,
   tensorRng,
 } from '../src/merge/sparsify.js';
-import { magnitudeKeys, magnitudeRanks, orderStatistics, selectKth, topKMask } from '../src/merge/tensor-ops.js';
+import { magnitudeKeys, magnitudeRanks, orderStatistics, selectKth, selectKths, topKMask } from '../src/merge/tensor-ops.js';
 import { combineTaskVectors } from '../src/merge/gta.js';
 
 const T = 'model.layers.3.mlp.down_proj.weight';
@@ -509,6 +509,25 @@ test('selection agrees with sorting (duplicates and full 32-bit range included)'
       },
     ),
   );
+});
+
+test('several ranks selected together agree with sorting (same and different high halves)', () => {
+  fc.assert(
+    fc.property(
+      fc.array(fc.oneof(fc.integer({ min: 0, max: 20 }), fc.integer({ min: 0x10000, max: 0x1ffff }), fc.integer({ min: 0, max: 0xffffffff })), {
+        minLength: 1,
+        maxLength: 300,
+      }),
+      fc.array(fc.nat(), { minLength: 1, maxLength: 4 }),
+      (values, kSeeds) => {
+        const a = Uint32Array.from(values);
+        const ks = kSeeds.map((k) => k % a.length);
+        const sorted = Array.from(a).sort((x, y) => x - y);
+        assert.deepEqual(selectKths(a, ks), ks.map((k) => sorted[k]));
+      },
+    ),
+  );
+  assert.throws(() => selectKths(Uint32Array.of(1, 2), [0, 2]), RangeError);
 });
 
 test('magnitude ranks match a stable sort by |x|', () => {

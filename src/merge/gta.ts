@@ -12,7 +12,7 @@ import { narrowBf16Block, narrowF16Block, roundBitsBlock, widenBf16Block, widenF
 import { copyOf, maskSourceOf, output, splitBase } from './common.js';
 import { globalBool, globalNumber, modelNumber, resolvedModelNumber } from './params.js';
 import { checkDellaEpsilon, sparsify, zeroedWarning, type SparsifyMethod } from './sparsify.js';
-import { cutSubmatrix, sameShape, selectKth, shapeString, subtract } from './tensor-ops.js';
+import { cutSubmatrix, sameShape, selectKth, selectKths, shapeString, subtract } from './tensor-ops.js';
 import type { MergeContext, MergeInput, MergeMethod, MergeOutput, ParamSpec, ResolvedParams, ValidateContext } from './types.js';
 
 export type ConsensusMethod = 'sum';
@@ -526,17 +526,17 @@ function selectRules(kernel: Kernel, n: number, kKeep: ReadonlyMap<number, numbe
         for (let j = 0; j < SAMPLE_RUN; j++) out[r * SAMPLE_RUN + j] = kernel.key(j);
       });
     }
-    const lo = pending.map((m, t) => {
+    // The bracket [lo, hi] around the threshold's rank, both ends from one selection per model.
+    const lo: number[] = [];
+    const hi: number[] = [];
+    pending.forEach((m, t) => {
       const q = (n - want(m)) / n;
       const w = Math.ceil(SAMPLE_SIGMAS * Math.sqrt(S * q * (1 - q))) + 8;
       const r = Math.floor(q * S);
-      return r - w <= 0 ? 0 : selectKth(samples[t]!, r - w);
-    });
-    const hi = pending.map((m, t) => {
-      const q = (n - want(m)) / n;
-      const w = Math.ceil(SAMPLE_SIGMAS * Math.sqrt(S * q * (1 - q))) + 8;
-      const r = Math.floor(q * S);
-      return r + w >= S - 1 ? 0x7fffffff : selectKth(samples[t]!, r + w);
+      const ranks = [r - w <= 0 ? 0 : r - w, r + w >= S - 1 ? 0 : r + w];
+      const [a, b] = selectKths(samples[t]!, ranks);
+      lo.push(r - w <= 0 ? 0 : a!);
+      hi.push(r + w >= S - 1 ? 0x7fffffff : b!);
     });
     const chunks = Math.ceil(n / CHUNK);
     const above = pending.map(() => 0);

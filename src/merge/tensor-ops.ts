@@ -150,34 +150,61 @@ interface Selection {
   equal: number;
 }
 
+/** Histogram scratch of the radix selections (one per thread; the selections do not nest). */
+const selHist = new Uint32Array(65536);
+
+/** The bucket of `hist` holding rank `rank`: [bucket, rank within it, count below it]. */
+function bucketOfRank(hist: Uint32Array, rank: number): [number, number, number] {
+  let b = 0;
+  let below = 0;
+  while (rank >= hist[b]!) {
+    rank -= hist[b]!;
+    below += hist[b++]!;
+  }
+  return [b, rank, below];
+}
+
 /**
  * Radix selection on the 16-bit halves: a histogram of the high halves finds the bucket holding
  * rank k, a second histogram of the low halves within that bucket finds the value. Two linear
  * passes; `keys` is not modified.
  */
 function radixSelect(keys: Uint32Array, k: number): Selection {
+  return radixSelectRanks(keys, [k])[0]!;
+}
+
+/**
+ * `radixSelect` for several ranks with one pass over the high halves, and one pass over the low
+ * halves per distinct high bucket among the ranks.
+ */
+function radixSelectRanks(keys: Uint32Array, ks: readonly number[]): Selection[] {
   const n = keys.length;
-  if (!(k >= 0 && k < n)) throw new RangeError(`selection: k=${k} out of range for ${n} values`);
-  const hist = new Float64Array(65536);
-  for (let i = 0; i < n; i++) hist[keys[i] >>> 16]++;
-  let rank = k;
-  let less = 0;
-  let hi = 0;
-  while (rank >= hist[hi]) {
-    rank -= hist[hi];
-    less += hist[hi++];
-  }
+  for (const k of ks) if (!(k >= 0 && k < n)) throw new RangeError(`selection: k=${k} out of range for ${n} values`);
+  const hist = selHist;
   hist.fill(0);
-  for (let i = 0; i < n; i++) {
-    const v = keys[i];
-    if (v >>> 16 === hi) hist[v & 0xffff]++;
+  for (let i = 0; i < n; i++) hist[keys[i]! >>> 16]++;
+  const high = ks.map((k) => bucketOfRank(hist, k));
+  const out: Selection[] = new Array(ks.length);
+  for (let q = 0; q < ks.length; q++) {
+    if (out[q]) continue;
+    const hi = high[q]![0];
+    hist.fill(0);
+    for (let i = 0; i < n; i++) {
+      const v = keys[i]!;
+      if (v >>> 16 === hi) hist[v & 0xffff]++;
+    }
+    for (let r = q; r < ks.length; r++) {
+      if (high[r]![0] !== hi) continue;
+      const [lo, , belowLow] = bucketOfRank(hist, high[r]![1]);
+      out[r] = { value: ((hi << 16) | lo) >>> 0, less: high[r]![2] + belowLow, equal: hist[lo]! };
+    }
   }
-  let lo = 0;
-  while (rank >= hist[lo]) {
-    rank -= hist[lo];
-    less += hist[lo++];
-  }
-  return { value: ((hi << 16) | lo) >>> 0, less, equal: hist[lo] };
+  return out;
+}
+
+/** The `ks[i]`-th smallest (0-based) of `keys` for each i, sharing the passes. `keys` is not modified. */
+export function selectKths(keys: Uint32Array, ks: readonly number[]): number[] {
+  return radixSelectRanks(keys, ks).map((s) => s.value);
 }
 
 /** The k-th smallest (0-based) of `keys`, in linear time. `keys` is not modified. */
