@@ -9,7 +9,7 @@
  * ordinary ArrayBuffer; a WebAssembly memory is always mapped at a page boundary, so its buffer
  * is the aligned memory used here.
  */
-import { constants } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, readSync } from 'node:fs';
 import { wasm } from '../backend/wasm/wasm-api.js';
 
 /** Alignment of direct writes: buffer address, file offset and length (a page). */
@@ -51,8 +51,8 @@ export function directFlag(): number | undefined {
   return flag && process.platform === 'linux' ? flag : undefined;
 }
 
-/** Whether direct writes are allowed: `AMALGAM_DIRECT_IO=0` turns them off. */
-export function directWritesEnabled(): boolean {
+/** Whether direct reads and writes are allowed: `AMALGAM_DIRECT_IO=0` turns them off. */
+export function directIoEnabled(): boolean {
   const v = process.env.AMALGAM_DIRECT_IO;
   return directFlag() !== undefined && !(v !== undefined && /^(0|false|no|off)$/i.test(v.trim()));
 }
@@ -69,4 +69,37 @@ export function splitForDirect(position: number, byteOffset: number, length: num
   const end = Math.floor((position + length) / DIRECT_ALIGN) * DIRECT_ALIGN;
   if (end <= start) return none;
   return { head: start - position, middle: end - start, tail: position + length - end };
+}
+
+/** A positional read slower than this (microseconds) went to the device, not the page cache. */
+const CACHED_READ_US = 30;
+
+/**
+ * Whether most of a file seems to be out of the page cache: the median time of one-byte reads at
+ * `samples` pages spread over it is above what a page-cache hit takes. JavaScript cannot ask the
+ * kernel (mincore), so this times it; a read that misses brings in only the pages around it.
+ * False when the file cannot be read or is smaller than a page per sample.
+ */
+export function looksUncached(path: string, samples = 9): boolean {
+  let fd: number | undefined;
+  try {
+    fd = openSync(path, 'r');
+    const size = fstatSync(fd).size;
+    if (size < samples * DIRECT_ALIGN * 2) return false;
+    const one = Buffer.alloc(1);
+    readSync(fd, one, 0, 1, 0); // the header, just parsed: warms the call path
+    const times: number[] = [];
+    for (let i = 0; i < samples; i++) {
+      const position = Math.floor((((i + 0.5) / samples) * size) / DIRECT_ALIGN) * DIRECT_ALIGN;
+      const t0 = process.hrtime.bigint();
+      readSync(fd, one, 0, 1, position);
+      times.push(Number(process.hrtime.bigint() - t0) / 1000);
+    }
+    times.sort((a, b) => a - b);
+    return times[samples >> 1]! > CACHED_READ_US;
+  } catch {
+    return false;
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+  }
 }

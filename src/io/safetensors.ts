@@ -11,7 +11,7 @@ import { basename, dirname, isAbsolute, join, normalize, resolve, sep } from 'no
 import { randomBytes } from 'node:crypto';
 import { AmalgamError } from '../errors.js';
 import { bf16ToF32, byteSize, decodeToF32, dtypeAlignment, dtypeBits, encodeFromF32, f16ToF32, isDType, numel, type DType } from '../tensor/dtype.js';
-import { DIRECT_ALIGN, directFlag, directWritesEnabled, isPageAligned, splitForDirect } from './aligned.js';
+import { DIRECT_ALIGN, directFlag, directIoEnabled, isPageAligned, splitForDirect } from './aligned.js';
 import { FileByteReader, ioError, MemoryByteReader, type ByteReader, type TensorInfo, type TensorSource } from './source.js';
 import { keysInOrder, parseStrictJson, StrictJsonError, type JsonValue } from './strict-json.js';
 
@@ -659,7 +659,7 @@ export class SafetensorsFileWriter {
       await writeFully(fh, header, 0);
       if (dataBytes > 0) await fh.truncate(header.length + dataBytes);
       const flag = directFlag();
-      if (opts.directWrites && flag !== undefined && directWritesEnabled()) {
+      if (opts.directWrites && flag !== undefined && directIoEnabled()) {
         // File systems without direct I/O (tmpfs, some network mounts) refuse the flag: then
         // every write goes through the page cache.
         direct = await open(tmp, constants.O_WRONLY | flag).catch(() => undefined);

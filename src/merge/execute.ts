@@ -31,7 +31,7 @@ import { basename } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import cliProgress from 'cli-progress';
 import { AmalgamError } from '../errors.js';
-import { allocAlignedShared, DIRECT_ALIGN } from '../io/aligned.js';
+import { allocAlignedShared, DIRECT_ALIGN, directIoEnabled, looksUncached } from '../io/aligned.js';
 import { withStagingDir } from '../io/atomic-dir.js';
 import { canReadRawInto, openSafetensors, ShardedSafetensorsWriter, type RawIntoSource } from '../io/safetensors.js';
 import type { TensorSource } from '../io/source.js';
@@ -421,6 +421,21 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
     }
   }
   const cost = (t: PlannedTensor) => (streamed.has(t.index) ? streamedCost(t) : stored.has(t.index) ? storedCost(t) : tensorCost(t));
+  // Each worker's kernel may keep the inputs of one streamed tensor resident (read once, whole):
+  // a quarter of the budget over all workers, set aside from what the tensors in flight may use.
+  const residentBytes = streamed.size ? Math.floor(budget / (4 * jobs)) : 0;
+  const flightBudget = budget - jobs * residentBytes;
+  // Files mostly out of the page cache are read past it (O_DIRECT): filling the page cache costs
+  // more than the disk read itself on many machines, and the merge reads each input once.
+  const direct = new Set<string>();
+  if (streamed.size && directIoEnabled()) {
+    const paths = new Set<string>();
+    for (const t of plan.tensors) {
+      if (!streamed.has(t.index)) continue;
+      for (const i of t.inputs) paths.add((sources.get(i.model) as RawIntoSource).locate(i.tensor)!.path);
+    }
+    for (const p of paths) if (looksUncached(p)) direct.add(p);
+  }
   const buffers = new BufferPool();
   let inFlightCost = 0;
 
@@ -451,16 +466,16 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               for (const i of t.inputs) {
                 const loc = (sources.get(i.model) as RawIntoSource).locate(i.tensor)!;
                 readBytes += loc.length;
-                inputs.push({ model: i.model, shape: i.shape, dtype: i.dtype, file: { path: loc.path, offset: loc.offset } });
+                inputs.push({ model: i.model, shape: i.shape, dtype: i.dtype, file: { path: loc.path, offset: loc.offset, ...(direct.has(loc.path) ? { direct: true } : {}) } });
               }
-              buffers.trim(Math.max(0, budget - inFlightCost));
+              buffers.trim(Math.max(0, flightBudget - inFlightCost));
               // Place the result at its file position modulo a page, so the writer can send its
               // whole pages straight to the disk.
               const phase = writer.writesDirect ? writer.positionOf(t.name) % DIRECT_ALIGN : 0;
               outOffset = phase % (byteSize(t.dtype, 1) ?? 4) === 0 ? phase : 0;
               outBuffer = buffers.takeShared(byteSize(t.dtype, numel(t.shape))! + outOffset);
             } else if (stored.has(t.index)) {
-              buffers.trim(Math.max(0, budget - inFlightCost));
+              buffers.trim(Math.max(0, flightBudget - inFlightCost));
               const read = await Promise.all(
                 t.inputs.map(async (i): Promise<ComputeInput> => {
                   const bytes = byteSize(i.dtype, numel(i.shape))!;
@@ -498,6 +513,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               outShape: t.shape,
               seed: plan.randomSeed,
               ...(outBuffer ? { outBuffer, outOffset } : {}),
+              ...(streamed.has(t.index) && residentBytes ? { residentBytes } : {}),
             };
             const transfer = inputs.flatMap((x) => (x.raw ?? x.data ? [(x.raw ?? x.data!).buffer as ArrayBuffer] : []));
             if (outBuffer instanceof ArrayBuffer) transfer.push(outBuffer);
@@ -520,7 +536,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
           await schedule(plan.tensors, {
             // A tensor stays in flight while it is written: room for the next ones to compute meanwhile.
             concurrency: 2 * jobs + 1,
-            budget,
+            budget: flightBudget,
             cost,
             signal,
             outDir,
@@ -536,7 +552,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               }
               const { bytes, readBytes } = result;
               for (const b of result.reuse) buffers.give(b);
-              buffers.trim(Math.max(0, budget - inFlightCost));
+              buffers.trim(Math.max(0, flightBudget - inFlightCost));
               bytesRead += readBytes;
               bytesWritten += bytes.byteLength;
               done++;

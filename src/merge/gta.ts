@@ -165,7 +165,13 @@ export interface StoredInput {
  * kernel does not apply: another sparsifier, rescale, no base among the inputs, no other model,
  * or inputs whose shapes differ from the base's.
  */
-export function fusedMerge(v: GtaVariant, ctx: Omit<MergeContext, 'inputs'>, inputs: readonly StoredInput[], out: MemoryValues): boolean {
+export function fusedMerge(
+  v: GtaVariant,
+  ctx: Omit<MergeContext, 'inputs'>,
+  inputs: readonly StoredInput[],
+  out: MemoryValues,
+  opts: { residentBytes?: number } = {},
+): boolean {
   let base: StoredInput | undefined;
   const others: StoredInput[] = [];
   for (const t of inputs) {
@@ -197,7 +203,7 @@ export function fusedMerge(v: GtaVariant, ctx: Omit<MergeContext, 'inputs'>, inp
     }
     models.push({ values: x.values, weight: modelNumber(c, x.model, 'weight'), keep });
   }
-  fusedGta({ base: base.values, models, consensus: v.consensus, normalize, lambda, out });
+  fusedGta({ base: base.values, models, consensus: v.consensus, normalize, lambda, out, ...(opts.residentBytes ? { residentBytes: opts.residentBytes } : {}) });
   return true;
 }
 
@@ -317,8 +323,12 @@ type RoundTo = { round?: 'BF16' | 'F16' };
  */
 export type MemoryValues = ({ dtype: 'F32'; data: Float32Array } | { dtype: 'BF16' | 'F16'; data: Uint16Array }) & RoundTo;
 
-/** Stored values read from an open file: `length` values from byte `offset`. */
-export type FileValues = { dtype: 'F32' | 'BF16' | 'F16'; fd: number; offset: number; length: number } & RoundTo;
+/**
+ * Stored values read from an open file: `length` values from byte `offset`. `directFd`, where
+ * given, is the same file opened with `O_DIRECT`: the WebAssembly kernel then reads whole pages
+ * around the values into page-aligned memory, past the page cache.
+ */
+export type FileValues = { dtype: 'F32' | 'BF16' | 'F16'; fd: number; offset: number; length: number; directFd?: number } & RoundTo;
 
 export type StoredValues = MemoryValues | FileValues;
 
@@ -342,6 +352,12 @@ export interface FusedGtaOptions {
   lambda: number;
   /** Receives the result: float32 values, or BF16 / F16 bits. Same length as the inputs. */
   out: MemoryValues;
+  /**
+   * Memory the WebAssembly kernel may hold for file-backed inputs (default 0). When every input
+   * fits, each is read once, whole, and both passes read memory; otherwise the passes read the
+   * files region by region (twice).
+   */
+  residentBytes?: number;
 }
 
 /** The largest finite float32. */
@@ -957,6 +973,57 @@ export function wasmDtypesFit(inputs: readonly { dtype: string; round?: string }
 
 const WASM_BASE = 1 << 16;
 const PAGE = 1 << 16;
+/** Alignment of direct reads (buffer address, file offset and length). */
+const DIRECT_PAGE = 4096;
+
+/** Values per region of the WebAssembly kernel with direct reads (fewer, larger reads). */
+const REGION_DIRECT = 1 << 20;
+/** Reads smaller than this go through the page cache even where direct reads are possible. */
+const DIRECT_MIN = 1 << 18;
+
+/** Bytes of one input's slot for regions of `bytes`: room to read whole pages around them, and a pad. */
+function slotBytes(bytes: number): number {
+  return Math.ceil((bytes + 2 * DIRECT_PAGE + 16) / DIRECT_PAGE) * DIRECT_PAGE;
+}
+
+const fileReads = { direct: 0, buffered: 0 };
+
+/** Reads of file-backed inputs made by the WebAssembly kernel in this thread so far, by kind. */
+export function kernelFileReads(): { direct: number; buffered: number } {
+  return { ...fileReads };
+}
+
+/** Reads `length` bytes at `position` of `fd` to `dst` of `mem`, all of them. */
+function readFully(fd: number, mem: Buffer, dst: number, length: number, position: number): void {
+  fileReads.buffered++;
+  let done = 0;
+  while (done < length) {
+    const r = readSync(fd, mem, dst + done, length - done, position + done);
+    if (r === 0) throw new AmalgamError('E_IO', `file ended while reading a tensor (at byte ${position + done})`);
+    done += r;
+  }
+}
+
+/**
+ * Reads at least `length` bytes at page-aligned `position` of an `O_DIRECT` descriptor to
+ * page-aligned `dst`, in whole pages; false (nothing trusted) when the file system refuses or a
+ * read stops short of them.
+ */
+function readDirect(fd: number, mem: Buffer, dst: number, position: number, length: number): boolean {
+  const want = Math.ceil(length / DIRECT_PAGE) * DIRECT_PAGE;
+  let done = 0;
+  try {
+    while (done < length) {
+      const r = readSync(fd, mem, dst + done, want - done, position + done);
+      if (r <= 0 || (r % DIRECT_PAGE !== 0 && done + r < length)) return false;
+      done += r;
+    }
+  } catch {
+    return false;
+  }
+  fileReads.direct++;
+  return true;
+}
 
 class WasmKernel implements Kernel {
   private readonly k: MergeWasmExports;
@@ -967,6 +1034,13 @@ class WasmKernel implements Kernel {
   private readonly outBuf: Buffer;
   private readonly stride: number;
   private readonly pIn: number;
+  /** Whether every input is held whole in memory (see the constructor). */
+  private readonly resident: boolean;
+  /** Values per region, and the offset of the values in each input's slot. */
+  private readonly region: number;
+  private readonly at: number;
+  /** Inputs whose direct reads failed: read through the page cache from then on. */
+  private readonly buffered = new Set<number>();
   private readonly pKeys: number;
   private readonly pLists: number;
   private readonly pCounts: number;
@@ -993,6 +1067,7 @@ class WasmKernel implements Kernel {
     private readonly state: WasmState,
     private readonly inputs: readonly StoredValues[],
     out: MemoryValues,
+    residentBytes: number,
   ) {
     this.k = state.exports;
     this.n = storedLength(inputs[0]!);
@@ -1003,27 +1078,55 @@ class WasmKernel implements Kernel {
     this.outBuf = Buffer.from(out.data.buffer, out.data.byteOffset, out.data.byteLength);
     this.valid = inputs.map(() => false);
     const M = inputs.length - 1;
-    this.stride = REGION * this.size;
-    this.pIn = WASM_BASE;
-    this.pKeys = this.pIn + (M + 1) * this.stride;
-    this.pLists = this.pKeys + CHUNK * 4;
-    this.pCounts = this.pLists + M * CHUNK * 8;
-    this.pParams = this.pCounts + M * 32;
-    this.pScratch = this.pParams + M * 16;
-    this.pOut = this.pScratch + M * 32;
-    this.pHist = this.pOut + CHUNK * 4;
-    this.pLow = this.pHist + M * 32768 * 4;
-    const end = this.pLow + M * 65536 * 4;
+    let p = WASM_BASE;
+    const take = (bytes: number) => {
+      const at = p;
+      p += bytes;
+      return at;
+    };
+    this.pKeys = take(CHUNK * 4);
+    this.pLists = take(M * CHUNK * 8);
+    this.pCounts = take(M * 32);
+    this.pParams = take(M * 16);
+    this.pScratch = take(M * 32);
+    this.pOut = take(CHUNK * 4);
+    this.pHist = take(M * 32768 * 4);
+    this.pLow = take(M * 65536 * 4);
+    p = Math.ceil(p / DIRECT_PAGE) * DIRECT_PAGE;
+    // Resident: every input read whole, once, into a slot of its own, which the passes then read
+    // in place. Otherwise a region of values per input, refilled as the passes go.
+    const files = inputs.every((v) => !('data' in v));
+    const direct = files && inputs.some((v) => (v as FileValues).directFd !== undefined);
+    this.resident = files && (M + 1) * slotBytes(this.n * this.size) <= residentBytes;
+    this.region = this.resident ? this.n : direct ? REGION_DIRECT : REGION;
+    this.stride = slotBytes(this.region * this.size);
+    // Values sit at the same offset of every slot: the page offset of the first input's file
+    // position (direct reads of it then land in place), 0 without direct reads.
+    this.at = direct ? (inputs[0] as FileValues).offset % DIRECT_PAGE : 0;
+    const end = p + (M + 1) * this.stride;
     const have = state.memory.buffer.byteLength;
     if (end > have) state.memory.grow(Math.ceil((end - have) / PAGE));
     const sab = state.memory.buffer;
     this.mem = Buffer.from(sab);
     this.i32 = new Int32Array(sab);
     this.f32 = new Float32Array(sab);
+    this.pIn = p + this.at;
+    if (this.resident) {
+      for (let slot = 0; slot <= M; slot++) {
+        const dst = this.pIn + slot * this.stride;
+        this.fill(slot, 0, this.n, dst);
+        this.mem.fill(0, dst + this.n * this.size, dst + this.n * this.size + 16);
+      }
+    }
     state.exports.clearNaN();
   }
 
-  /** Values [from, from + count) of input `slot` to byte `dst` of the memory. */
+  /**
+   * Values [from, from + count) of input `slot` to byte `dst` of the memory (`at` bytes past the
+   * slot's page-aligned start). Large reads of a file with a direct descriptor read the whole
+   * pages around the values to the slot's start, then move the values to `dst` unless they
+   * landed there.
+   */
   private fill(slot: number, from: number, count: number, dst: number): void {
     const v = this.inputs[slot]!;
     const size = this.size;
@@ -1031,19 +1134,28 @@ class WasmKernel implements Kernel {
       Buffer.from(v.data.buffer, v.data.byteOffset, v.data.byteLength).copy(this.mem, dst, from * size, (from + count) * size);
       return;
     }
-    let done = 0;
     const bytes = count * size;
-    while (done < bytes) {
-      const r = readSync(v.fd, this.mem, dst + done, bytes - done, v.offset + from * size + done);
-      if (r === 0) throw new AmalgamError('E_IO', `file ended while reading a tensor (at byte ${v.offset + from * size + done})`);
-      done += r;
+    const position = v.offset + from * size;
+    if (v.directFd !== undefined && bytes >= DIRECT_MIN && !this.buffered.has(slot)) {
+      const skip = position % DIRECT_PAGE;
+      const start = dst - this.at;
+      if (readDirect(v.directFd, this.mem, start, position - skip, skip + bytes)) {
+        if (skip !== this.at) this.mem.copy(this.mem, dst, start + skip, start + skip + bytes);
+        return;
+      }
+      this.buffered.add(slot);
     }
+    readFully(v.fd, this.mem, dst, bytes, position);
   }
 
   load(start: number, len: number, models: readonly number[], readAhead: boolean): void {
+    if (this.resident) {
+      this.off = start * this.size;
+      return;
+    }
     if (!(start >= this.rs && start + len <= this.re)) {
       this.rs = start;
-      this.re = Math.min(this.n, start + (readAhead ? REGION : len));
+      this.re = Math.min(this.n, start + (readAhead ? this.region : len));
       this.valid.fill(false);
     }
     const count = this.re - this.rs;
@@ -1194,7 +1306,7 @@ export function fusedGta(o: FusedGtaOptions): void {
   const inputs = [o.base, ...active.map((m) => m.values)];
   const state = n > 0 && wasmDtypesFit(inputs, o.out.dtype) && inputs.every((v) => !('data' in v) || (v.data.byteOffset & 3) === 0) ? mergeWasm() : null;
   if (state) {
-    const kernel = new WasmKernel(state, inputs, o.out);
+    const kernel = new WasmKernel(state, inputs, o.out, o.residentBytes ?? 0);
     runFused(kernel, n, active, o);
     if (!kernel.sawNaN()) return;
   }

@@ -4,9 +4,10 @@
  * otherwise, so both paths share one code path. Input arrays arrive transferred (not copied) and
  * the encoded result is transferred back.
  */
-import { closeSync, openSync, readSync } from 'node:fs';
+import { closeSync, constants, openSync, readSync } from 'node:fs';
 import { isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { AmalgamError, type ErrorCode } from '../errors.js';
+import { directFlag } from '../io/aligned.js';
 import { ioError } from '../io/source.js';
 import { bf16ToF32, byteSize, decodeToF32, encodeFromF32, f16ToF32, f32ToBf16, f32ToF16, numel, type DType, type FloatDType } from '../tensor/dtype.js';
 import { fusedApplies, fusedMerge, gtaVariantOf, type MemoryValues, type StoredInput, type StoredValues } from './gta.js';
@@ -25,7 +26,7 @@ export interface ComputeInput {
   /** The stored bytes, at a 4-byte-aligned offset; the task owns their buffer. */
   raw?: Uint8Array;
   /** Or where they are: read chunk by chunk while merging (with `dtype`). */
-  file?: { path: string; offset: number };
+  file?: { path: string; offset: number; direct?: boolean };
   dtype?: DType;
 }
 
@@ -49,6 +50,8 @@ export interface ComputeTask {
    * transferred (ArrayBuffer) or shared (SharedArrayBuffer, then the result is a view of it).
    */
   outBuffer?: ArrayBuffer | SharedArrayBuffer;
+  /** Memory the fused kernel may hold to read file-backed inputs once, whole (default 0). */
+  residentBytes?: number;
   /**
    * Byte offset of the result in `outBuffer` (default 0; a multiple of the output's element
    * size), chosen so the result lines up with its position in the output file for direct writes.
@@ -130,6 +133,23 @@ function openFd(path: string, fds: Map<string, number>): number {
   return fd;
 }
 
+/** The file opened with `O_DIRECT` as well, or undefined where that is refused. */
+function openDirectFd(path: string, fds: Map<string, number>): number | undefined {
+  const key = `direct:${path}`;
+  let fd = fds.get(key);
+  if (fd === undefined) {
+    const flag = directFlag();
+    if (flag === undefined) return undefined;
+    try {
+      fd = openSync(path, constants.O_RDONLY | flag);
+    } catch {
+      return undefined;
+    }
+    fds.set(key, fd);
+  }
+  return fd;
+}
+
 /**
  * The fused path for stored inputs (in memory, or read from their files while merging);
  * undefined (nothing done) where it does not apply.
@@ -153,7 +173,12 @@ function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<strin
     if (!isStoredDType(i.dtype)) return undefined;
     if (i.file) {
       const fd = openFd(i.file.path, fds);
-      inputs.push({ model: i.model, shape: i.shape, values: { dtype: i.dtype, fd, offset: i.file.offset, length: numel(i.shape), ...(round ? { round } : {}) } });
+      const directFd = i.file.direct ? openDirectFd(i.file.path, fds) : undefined;
+      inputs.push({
+        model: i.model,
+        shape: i.shape,
+        values: { dtype: i.dtype, fd, offset: i.file.offset, length: numel(i.shape), ...(directFd !== undefined ? { directFd } : {}), ...(round ? { round } : {}) },
+      });
       continue;
     }
     if (!i.raw || byteSize(i.dtype, numel(i.shape)) !== i.raw.byteLength) return undefined;
@@ -178,7 +203,7 @@ function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<strin
     params: task.params,
     warn: (m: string) => warnings.push(m),
   };
-  if (!fusedMerge(v, ctx, inputs, out)) return undefined;
+  if (!fusedMerge(v, ctx, inputs, out, task.residentBytes ? { residentBytes: task.residentBytes } : {})) return undefined;
   return new Uint8Array(buf, at, outBytes);
 }
 
