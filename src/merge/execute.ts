@@ -37,7 +37,8 @@ import { canReadRawInto, openSafetensors, ShardedSafetensorsWriter, type RawInto
 import type { TensorSource } from '../io/source.js';
 import { byteSize, numel } from '../tensor/dtype.js';
 import { openAdaptedSource } from '../lora/apply.js';
-import { wasmDtypesFit, wasmKernelsAvailable } from './gta.js';
+import { kernelRegionEnd, slotBytes, wasmDtypesFit, wasmKernelsAvailable } from './gta.js';
+import type { PrefetchAreas } from './prefetch.js';
 import { AMALGAM_VERSION, writeOutputFiles } from './output.js';
 import { buildPermutedEmbedding, permutedEmbeddingSources, type EmbeddingMatrix } from './embed.js';
 import { embeddingPermutation, tensorCost, type MergePlan, type PlannedTensor } from './plan.js';
@@ -90,6 +91,13 @@ export interface ExecuteOptions {
   progressBar?: boolean;
   /** Aborts the merge; nothing appears at the output path. */
   signal?: AbortSignal;
+  /**
+   * How input files are read: `auto` (default) reads files mostly out of the page cache with
+   * O_DIRECT, past it (see `looksUncached`); `always` and `never` decide for every file. O_DIRECT
+   * is used only on Linux, and never with `AMALGAM_DIRECT_IO=0`; a file system that refuses it
+   * gets ordinary reads.
+   */
+  directReads?: 'auto' | 'always' | 'never';
   /** Opens a model folder's weights (default `openSafetensors`); a hook for tests. */
   openSource?: (path: string) => Promise<TensorSource>;
 }
@@ -109,6 +117,16 @@ export interface ExecuteResult {
   peakInFlightBytes: number;
   /** Warnings raised while merging, in plan order. */
   warnings: string[];
+  /** How the inputs of tensors merged from their files were read (see `planStreamedReads`). */
+  reads: {
+    /** Input files read with O_DIRECT. */
+    directFiles: number;
+    /** Bytes of each worker's two prefetch areas (0 inline or without such tensors). */
+    areaBytes: number;
+    /** Tensors read whole into the big area, and its size. */
+    bigTensors: number;
+    bigAreaBytes: number;
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -134,30 +152,50 @@ function spawnWorker(): Worker {
   return new Worker(new URL('./worker.js', self), { workerData });
 }
 
+/**
+ * Worker threads, each given up to `depth` tasks at once: a worker reads the inputs of the tasks
+ * queued behind its current one while it computes (see prefetch.ts). Results come back in the
+ * order each worker received its tasks.
+ */
 class WorkerPool {
-  private readonly idle: Worker[] = [];
   private readonly all: Worker[] = [];
-  private readonly queue: { task: ComputeTask; transfer: ArrayBuffer[]; pending: Pending }[] = [];
-  private readonly busy = new Map<Worker, Pending>();
+  private readonly queue: { task: ComputeTask; transfer: ArrayBuffer[]; pending: Pending; pin: number | undefined }[] = [];
+  private readonly assigned = new Map<Worker, Pending[]>();
   private broken: Error | undefined;
 
-  constructor(private readonly size: number) {}
+  constructor(
+    private readonly size: number,
+    private readonly depth = 1,
+  ) {}
 
-  run(task: ComputeTask, transfer: ArrayBuffer[]): Promise<ComputeResult> {
+  /** Runs a task on any worker, or on worker `pin` (an index below `size`). */
+  run(task: ComputeTask, transfer: ArrayBuffer[], pin?: number): Promise<ComputeResult> {
     return new Promise<ComputeResult>((resolve, reject) => {
       if (this.broken) return reject(this.broken);
-      this.queue.push({ task, transfer, pending: { resolve, reject } });
+      this.queue.push({ task, transfer, pending: { resolve, reject }, pin });
       this.pump();
     });
   }
 
+  /** The least loaded worker with room for another task (`pin`: that one only). */
+  private pick(pin: number | undefined): Worker | undefined {
+    while (this.all.length < this.size) this.start();
+    const room = (w: Worker) => this.assigned.get(w)!.length < this.depth;
+    if (pin !== undefined) return room(this.all[pin]!) ? this.all[pin] : undefined;
+    let best: Worker | undefined;
+    for (const w of this.all) if (room(w) && (!best || this.assigned.get(w)!.length < this.assigned.get(best)!.length)) best = w;
+    return best;
+  }
+
   private pump(): void {
-    while (this.queue.length) {
-      let w = this.idle.pop();
-      if (!w && this.all.length < this.size) w = this.start();
-      if (!w) return;
-      const job = this.queue.shift()!;
-      this.busy.set(w, job.pending);
+    for (let k = 0; k < this.queue.length; ) {
+      const w = this.pick(this.queue[k]!.pin);
+      if (!w) {
+        k++;
+        continue;
+      }
+      const job = this.queue.splice(k, 1)[0]!;
+      this.assigned.get(w)!.push(job.pending);
       w.postMessage(job.task, job.transfer);
     }
   }
@@ -165,10 +203,9 @@ class WorkerPool {
   private start(): Worker {
     const w = spawnWorker();
     this.all.push(w);
+    this.assigned.set(w, []);
     w.on('message', (msg: WorkerReply) => {
-      const p = this.busy.get(w);
-      this.busy.delete(w);
-      this.idle.push(w);
+      const p = this.assigned.get(w)!.shift();
       if (p) {
         if (msg.ok) p.resolve(msg.result);
         else p.reject(deserializeError(msg.error));
@@ -177,26 +214,23 @@ class WorkerPool {
     });
     const fail = (e: Error) => {
       this.broken ??= e;
-      const p = this.busy.get(w);
-      this.busy.delete(w);
-      p?.reject(e);
+      for (const p of this.assigned.get(w)!.splice(0)) p.reject(e);
       for (const job of this.queue.splice(0)) job.pending.reject(e);
     };
     w.on('error', (e) => fail(e instanceof Error ? e : new Error(String(e))));
     w.on('exit', (code) => {
-      if (this.busy.has(w)) fail(new Error(`a merge worker exited with code ${code}`));
+      if (this.assigned.get(w)!.length) fail(new Error(`a merge worker exited with code ${code}`));
     });
     return w;
   }
 
   /** Starts every worker now, so that their start-up overlaps the setup of the merge. */
   warm(): void {
-    while (!this.broken && this.all.length < this.size) this.idle.push(this.start());
+    while (!this.broken && this.all.length < this.size) this.start();
   }
 
   async close(): Promise<void> {
     const ws = this.all.splice(0);
-    this.idle.length = 0;
     await Promise.all(ws.map((w) => w.terminate().catch(() => 0)));
   }
 }
@@ -341,6 +375,81 @@ function streamedCost(t: PlannedTensor): number {
   return Math.min((byteSize(t.dtype, n) ?? 4 * n) + (t.inputs.length - 1) * n, tensorCost(t));
 }
 
+/** Bytes of a streamed tensor's inputs read whole, as `InputPrefetcher` lays them out. */
+function residentNeed(t: PlannedTensor): number {
+  return t.inputs.length * slotBytes(numel(t.shape) * (byteSize(t.inputs[0]!.dtype, 1) ?? 4));
+}
+
+/** Whether a streamed tensor's inputs fit one of the two prefetch areas. */
+function prefetchable(t: PlannedTensor, areas: PrefetchAreas): boolean {
+  return residentNeed(t) <= areas.bytes;
+}
+
+interface StreamedReads {
+  /** Input files read with O_DIRECT (mostly out of the page cache). */
+  direct: Set<string>;
+  /** With workers: their prefetch areas. */
+  prefetch: PrefetchAreas | undefined;
+  /** Inline: memory the kernel may hold for one tensor's inputs read whole. */
+  residentBytes: number;
+  /** What the tensors in flight may use: the budget less the memory set aside above. */
+  flightBudget: number;
+  /** Tensors read into the big area of the first worker. */
+  big: Set<number>;
+}
+
+/**
+ * How the streamed tensors' inputs are read, and the memory set aside for it.
+ *
+ * - Files mostly out of the page cache are read past it (O_DIRECT): filling the page cache costs
+ *   more than the disk read on many machines, and each input is read once.
+ * - A quarter of the budget holds inputs read whole (once): inline, one tensor's; with `workers`,
+ *   two areas per worker, the next tensor's inputs read into one while the current one's are
+ *   merged in the other.
+ * - Tensors too large for those areas whose files are out of the page cache are read whole into a
+ *   third area of the first worker, one at a time, where the budget has room for it on top of the
+ *   areas and the costliest tensor in flight; otherwise they are read region by region, twice.
+ *   From the page cache, reading twice costs less than holding the memory.
+ */
+function planStreamedReads(
+  plan: MergePlan,
+  streamed: ReadonlySet<number>,
+  locate: (i: { model: string; tensor: string }) => { path: string },
+  budget: number,
+  workers: number,
+  directReads: 'auto' | 'always' | 'never',
+): StreamedReads {
+  const direct = new Set<string>();
+  const big = new Set<number>();
+  const tensors = plan.tensors.filter((t) => streamed.has(t.index));
+  if (tensors.length === 0) return { direct, prefetch: undefined, residentBytes: 0, flightBudget: budget, big };
+  if (directIoEnabled() && directReads !== 'never') {
+    const paths = new Set(tensors.flatMap((t) => t.inputs.map((i) => locate(i).path)));
+    for (const p of paths) if (directReads === 'always' || looksUncached(p)) direct.add(p);
+  }
+  const reserve = Math.floor(budget / 4);
+  if (workers === 0) return { direct, prefetch: undefined, residentBytes: reserve, flightBudget: budget - reserve, big };
+  const maxInputs = Math.max(2, ...tensors.map((t) => t.inputs.length));
+  const prefetch: PrefetchAreas = { base: kernelRegionEnd(maxInputs), bytes: Math.floor(reserve / (2 * workers) / DIRECT_ALIGN) * DIRECT_ALIGN };
+  let bigNeed = 0;
+  let flightMax = 0;
+  const candidates: PlannedTensor[] = [];
+  for (const t of tensors) {
+    flightMax = Math.max(flightMax, streamedCost(t));
+    if (!prefetchable(t, prefetch) && t.inputs.every((i) => direct.has(locate(i).path))) {
+      candidates.push(t);
+      bigNeed = Math.max(bigNeed, residentNeed(t));
+    }
+  }
+  let bigReserve = 0;
+  if (bigNeed && reserve + bigNeed + flightMax <= budget) {
+    bigReserve = Math.ceil(bigNeed / DIRECT_ALIGN) * DIRECT_ALIGN;
+    prefetch.big = bigReserve;
+    for (const t of candidates) big.add(t.index);
+  }
+  return { direct, prefetch, residentBytes: 0, flightBudget: budget - reserve - bigReserve, big };
+}
+
 /** A Float32Array whose buffer can be transferred: offset 0 and the whole buffer. */
 function transferable(a: Float32Array): Float32Array {
   return a.byteOffset === 0 && a.byteLength === a.buffer.byteLength && a.buffer instanceof ArrayBuffer ? a : a.slice();
@@ -387,7 +496,9 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
   const signal = opts.signal;
   if (signal?.aborted) throw abortError(outDir);
 
-  const pool = jobs > 1 ? new WorkerPool(jobs) : undefined;
+  // Up to three tasks per worker: one computing, the next ones' inputs read meanwhile.
+  const depth = 3;
+  const pool = jobs > 1 ? new WorkerPool(jobs, depth) : undefined;
   pool?.warm();
   let sources: Map<string, TensorSource>;
   try {
@@ -421,21 +532,9 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
     }
   }
   const cost = (t: PlannedTensor) => (streamed.has(t.index) ? streamedCost(t) : stored.has(t.index) ? storedCost(t) : tensorCost(t));
-  // Each worker's kernel may keep the inputs of one streamed tensor resident (read once, whole):
-  // a quarter of the budget over all workers, set aside from what the tensors in flight may use.
-  const residentBytes = streamed.size ? Math.floor(budget / (4 * jobs)) : 0;
-  const flightBudget = budget - jobs * residentBytes;
-  // Files mostly out of the page cache are read past it (O_DIRECT): filling the page cache costs
-  // more than the disk read itself on many machines, and the merge reads each input once.
-  const direct = new Set<string>();
-  if (streamed.size && directIoEnabled()) {
-    const paths = new Set<string>();
-    for (const t of plan.tensors) {
-      if (!streamed.has(t.index)) continue;
-      for (const i of t.inputs) paths.add((sources.get(i.model) as RawIntoSource).locate(i.tensor)!.path);
-    }
-    for (const p of paths) if (looksUncached(p)) direct.add(p);
-  }
+  const locate = (i: { model: string; tensor: string }) => (sources.get(i.model) as RawIntoSource).locate(i.tensor)!;
+  const io = planStreamedReads(plan, streamed, locate, budget, pool ? jobs : 0, opts.directReads ?? 'auto');
+  const { direct, prefetch, residentBytes, flightBudget, big } = io;
   const buffers = new BufferPool();
   let inFlightCost = 0;
 
@@ -464,7 +563,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               readBytes = await readPermutedInputs(plan, t, sources, inputs);
             } else if (streamed.has(t.index)) {
               for (const i of t.inputs) {
-                const loc = (sources.get(i.model) as RawIntoSource).locate(i.tensor)!;
+                const loc = locate(i);
                 readBytes += loc.length;
                 inputs.push({ model: i.model, shape: i.shape, dtype: i.dtype, file: { path: loc.path, offset: loc.offset, ...(direct.has(loc.path) ? { direct: true } : {}) } });
               }
@@ -514,10 +613,12 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               seed: plan.randomSeed,
               ...(outBuffer ? { outBuffer, outOffset } : {}),
               ...(streamed.has(t.index) && residentBytes ? { residentBytes } : {}),
+              ...(streamed.has(t.index) && prefetch ? { prefetch } : {}),
             };
             const transfer = inputs.flatMap((x) => (x.raw ?? x.data ? [(x.raw ?? x.data!).buffer as ArrayBuffer] : []));
             if (outBuffer instanceof ArrayBuffer) transfer.push(outBuffer);
-            const result = pool ? await pool.run(task, transfer) : computeTensor(task);
+            const pin = big.has(t.index) ? 0 : undefined;
+            const result = pool ? await pool.run(task, transfer, pin) : computeTensor(task);
             if (outBuffer instanceof SharedArrayBuffer && result.bytes.buffer instanceof SharedArrayBuffer && result.bytes.buffer !== outBuffer) {
               // A result in the shared output buffer comes back from a worker as a view of another
               // SharedArrayBuffer object over the same memory: view the pooled (page-aligned) one.
@@ -535,7 +636,19 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
 
           await schedule(plan.tensors, {
             // A tensor stays in flight while it is written: room for the next ones to compute meanwhile.
-            concurrency: 2 * jobs + 1,
+            concurrency: pool ? (depth + 1) * jobs + 1 : 3,
+            // Streamed tensors too large for the two prefetch areas: one at a time where they go to
+            // the big area (it holds one); otherwise they read their files twice, region by region,
+            // while their worker waits: at most half the workers at a time, so the others keep
+            // merging (and their reads keep the disk busy).
+            ...(prefetch
+              ? {
+                  exclusive: {
+                    is: (t: PlannedTensor) => streamed.has(t.index) && !prefetchable(t, prefetch),
+                    max: prefetch.big ? 1 : Math.max(1, Math.floor(jobs / 2)),
+                  },
+                }
+              : {}),
             budget: flightBudget,
             cost,
             signal,
@@ -603,6 +716,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
     memoryBudget: budget,
     peakInFlightBytes: peak,
     warnings,
+    reads: { directFiles: direct.size, areaBytes: prefetch?.bytes ?? 0, bigTensors: big.size, bigAreaBytes: prefetch?.big ?? 0 },
   };
 }
 
@@ -648,6 +762,11 @@ interface ScheduleOptions {
   outDir: string;
   onPeak: (bytes: number) => void;
   run: (t: PlannedTensor) => Promise<void>;
+  /**
+   * Tensors of which at most `max` may be in flight at once; while that many are, later tensors
+   * start ahead of the next such one.
+   */
+  exclusive?: { is: (t: PlannedTensor) => boolean; max: number };
 }
 
 /**
@@ -658,8 +777,14 @@ interface ScheduleOptions {
  */
 async function schedule(planned: readonly PlannedTensor[], o: ScheduleOptions): Promise<void> {
   const costs = planned.map((t) => o.cost(t));
-  const tensors = planned.map((t, i) => ({ t, c: costs[i]!, i })).sort((a, b) => b.c - a.c || a.i - b.i).map((x) => x.t);
-  let next = 0;
+  const pending = planned.map((t, i) => ({ t, c: costs[i]!, i })).sort((a, b) => b.c - a.c || a.i - b.i).map((x) => x.t);
+  let exclusiveInFlight = 0;
+  const isExclusive = (t: PlannedTensor) => o.exclusive !== undefined && o.exclusive.is(t);
+  /** The first pending tensor allowed to start now: the next one, or the next one not exclusive. */
+  const pick = (): number => {
+    if (!o.exclusive || exclusiveInFlight < o.exclusive.max) return pending.length ? 0 : -1;
+    return pending.findIndex((t) => !isExclusive(t));
+  };
   let inFlight = 0;
   let running = 0;
   let failure: unknown;
@@ -672,11 +797,15 @@ async function schedule(planned: readonly PlannedTensor[], o: ScheduleOptions): 
   try {
     while (true) {
       if (o.signal?.aborted) failure ??= abortError(o.outDir);
-      while (failure === undefined && next < tensors.length && running < o.concurrency) {
-        const t = tensors[next]!;
+      while (failure === undefined && running < o.concurrency) {
+        const k = pick();
+        if (k < 0) break;
+        const t = pending[k]!;
         const cost = o.cost(t);
         if (running > 0 && inFlight + cost > o.budget) break;
-        next++;
+        pending.splice(k, 1);
+        const exclusive = isExclusive(t);
+        if (exclusive) exclusiveInFlight++;
         running++;
         inFlight += cost;
         o.onPeak(inFlight);
@@ -687,11 +816,12 @@ async function schedule(planned: readonly PlannedTensor[], o: ScheduleOptions): 
           })
           .finally(() => {
             running--;
+            if (exclusive) exclusiveInFlight--;
             inFlight -= cost;
             wake?.();
           });
       }
-      if (running === 0 && (failure !== undefined || next >= tensors.length)) break;
+      if (running === 0 && (failure !== undefined || pending.length === 0)) break;
       await new Promise<void>((r) => (wake = r));
       wake = undefined;
     }

@@ -170,7 +170,7 @@ export function fusedMerge(
   ctx: Omit<MergeContext, 'inputs'>,
   inputs: readonly StoredInput[],
   out: MemoryValues,
-  opts: { residentBytes?: number } = {},
+  opts: { residentBytes?: number; preloaded?: Preloaded } = {},
 ): boolean {
   let base: StoredInput | undefined;
   const others: StoredInput[] = [];
@@ -203,7 +203,16 @@ export function fusedMerge(
     }
     models.push({ values: x.values, weight: modelNumber(c, x.model, 'weight'), keep });
   }
-  fusedGta({ base: base.values, models, consensus: v.consensus, normalize, lambda, out, ...(opts.residentBytes ? { residentBytes: opts.residentBytes } : {}) });
+  fusedGta({
+    base: base.values,
+    models,
+    consensus: v.consensus,
+    normalize,
+    lambda,
+    out,
+    ...(opts.residentBytes ? { residentBytes: opts.residentBytes } : {}),
+    ...(opts.preloaded ? { preloaded: opts.preloaded } : {}),
+  });
   return true;
 }
 
@@ -358,6 +367,8 @@ export interface FusedGtaOptions {
    * files region by region (twice).
    */
   residentBytes?: number;
+  /** The inputs are already in kernel memory (the base, then every model, in order). */
+  preloaded?: Preloaded;
 }
 
 /** The largest finite float32. */
@@ -981,8 +992,45 @@ const REGION_DIRECT = 1 << 20;
 /** Reads smaller than this go through the page cache even where direct reads are possible. */
 const DIRECT_MIN = 1 << 18;
 
+/**
+ * Inputs already in this thread's kernel memory (see `kernelMemory`): the base's values from byte
+ * `pIn`, the models' (all of them, in order) at `pIn + k * stride`, each followed by 16 zero bytes.
+ */
+export interface Preloaded {
+  pIn: number;
+  stride: number;
+}
+
+/** End of the kernel's scratch (page-aligned) for a tensor of `inputs` inputs (base included). */
+function scratchEnd(inputs: number): number {
+  const M = inputs - 1;
+  const bytes = WASM_BASE + CHUNK * 4 + M * CHUNK * 8 + M * 32 + M * 16 + M * 32 + CHUNK * 4 + M * 32768 * 4 + M * 65536 * 4;
+  return Math.ceil(bytes / DIRECT_PAGE) * DIRECT_PAGE;
+}
+
+/**
+ * The first byte of kernel memory that the kernel itself never uses for tensors of at most
+ * `inputs` inputs merged region by region (not resident): where preloaded inputs can live.
+ */
+export function kernelRegionEnd(inputs: number): number {
+  const end = scratchEnd(inputs) + inputs * slotBytes(REGION_DIRECT * 4);
+  return Math.ceil(end / PAGE) * PAGE;
+}
+
+/**
+ * This thread's kernel memory, grown to at least `bytes`, as a Buffer (a view of shared,
+ * page-aligned memory); null where the WebAssembly kernels are not available.
+ */
+export function kernelMemory(bytes: number): Buffer | null {
+  const state = mergeWasm();
+  if (!state) return null;
+  const have = state.memory.buffer.byteLength;
+  if (bytes > have) state.memory.grow(Math.ceil((bytes - have) / PAGE));
+  return Buffer.from(state.memory.buffer);
+}
+
 /** Bytes of one input's slot for regions of `bytes`: room to read whole pages around them, and a pad. */
-function slotBytes(bytes: number): number {
+export function slotBytes(bytes: number): number {
   return Math.ceil((bytes + 2 * DIRECT_PAGE + 16) / DIRECT_PAGE) * DIRECT_PAGE;
 }
 
@@ -1068,6 +1116,7 @@ class WasmKernel implements Kernel {
     private readonly inputs: readonly StoredValues[],
     out: MemoryValues,
     residentBytes: number,
+    preloaded?: Preloaded,
   ) {
     this.k = state.exports;
     this.n = storedLength(inputs[0]!);
@@ -1093,25 +1142,26 @@ class WasmKernel implements Kernel {
     this.pHist = take(M * 32768 * 4);
     this.pLow = take(M * 65536 * 4);
     p = Math.ceil(p / DIRECT_PAGE) * DIRECT_PAGE;
+    if (p !== scratchEnd(M + 1)) throw new Error('fused kernel: scratch layout out of step with scratchEnd');
     // Resident: every input read whole, once, into a slot of its own, which the passes then read
     // in place. Otherwise a region of values per input, refilled as the passes go.
     const files = inputs.every((v) => !('data' in v));
     const direct = files && inputs.some((v) => (v as FileValues).directFd !== undefined);
-    this.resident = files && (M + 1) * slotBytes(this.n * this.size) <= residentBytes;
+    this.resident = preloaded !== undefined || (files && (M + 1) * slotBytes(this.n * this.size) <= residentBytes);
     this.region = this.resident ? this.n : direct ? REGION_DIRECT : REGION;
-    this.stride = slotBytes(this.region * this.size);
+    this.stride = preloaded?.stride ?? slotBytes(this.region * this.size);
     // Values sit at the same offset of every slot: the page offset of the first input's file
     // position (direct reads of it then land in place), 0 without direct reads.
     this.at = direct ? (inputs[0] as FileValues).offset % DIRECT_PAGE : 0;
-    const end = p + (M + 1) * this.stride;
+    const end = preloaded ? p : p + (M + 1) * this.stride;
     const have = state.memory.buffer.byteLength;
     if (end > have) state.memory.grow(Math.ceil((end - have) / PAGE));
     const sab = state.memory.buffer;
     this.mem = Buffer.from(sab);
     this.i32 = new Int32Array(sab);
     this.f32 = new Float32Array(sab);
-    this.pIn = p + this.at;
-    if (this.resident) {
+    this.pIn = preloaded?.pIn ?? p + this.at;
+    if (this.resident && !preloaded) {
       for (let slot = 0; slot <= M; slot++) {
         const dst = this.pIn + slot * this.stride;
         this.fill(slot, 0, this.n, dst);
@@ -1306,7 +1356,9 @@ export function fusedGta(o: FusedGtaOptions): void {
   const inputs = [o.base, ...active.map((m) => m.values)];
   const state = n > 0 && wasmDtypesFit(inputs, o.out.dtype) && inputs.every((v) => !('data' in v) || (v.data.byteOffset & 3) === 0) ? mergeWasm() : null;
   if (state) {
-    const kernel = new WasmKernel(state, inputs, o.out, o.residentBytes ?? 0);
+    // Preloaded inputs are laid out for every model; a model with nothing kept is left out here.
+    const preloaded = o.preloaded && active.length === o.models.length && inputs.every((v) => !('data' in v)) ? o.preloaded : undefined;
+    const kernel = new WasmKernel(state, inputs, o.out, o.residentBytes ?? 0, preloaded);
     runFused(kernel, n, active, o);
     if (!kernel.sawNaN()) return;
   }

@@ -10,7 +10,8 @@ import { AmalgamError, type ErrorCode } from '../errors.js';
 import { directFlag } from '../io/aligned.js';
 import { ioError } from '../io/source.js';
 import { bf16ToF32, byteSize, decodeToF32, encodeFromF32, f16ToF32, f32ToBf16, f32ToF16, numel, type DType, type FloatDType } from '../tensor/dtype.js';
-import { fusedApplies, fusedMerge, gtaVariantOf, type MemoryValues, type StoredInput, type StoredValues } from './gta.js';
+import { fusedApplies, fusedMerge, gtaVariantOf, type MemoryValues, type Preloaded, type StoredInput, type StoredValues } from './gta.js';
+import { InputPrefetcher, type PrefetchAreas } from './prefetch.js';
 import { getMergeMethod, mergeTensor } from './registry.js';
 import { tensorRng } from './sparsify.js';
 import type { MergeInput, ResolvedParams } from './types.js';
@@ -52,6 +53,11 @@ export interface ComputeTask {
   outBuffer?: ArrayBuffer | SharedArrayBuffer;
   /** Memory the fused kernel may hold to read file-backed inputs once, whole (default 0). */
   residentBytes?: number;
+  /**
+   * In a worker thread: the areas of kernel memory where the worker reads the inputs of its next
+   * tensors while it merges the current one (`InputPrefetcher`).
+   */
+  prefetch?: PrefetchAreas;
   /**
    * Byte offset of the result in `outBuffer` (default 0; a multiple of the output's element
    * size), chosen so the result lines up with its position in the output file for direct writes.
@@ -154,16 +160,16 @@ function openDirectFd(path: string, fds: Map<string, number>): number | undefine
  * The fused path for stored inputs (in memory, or read from their files while merging);
  * undefined (nothing done) where it does not apply.
  */
-function computeStored(task: ComputeTask, warnings: string[]): Uint8Array | undefined {
+function computeStored(task: ComputeTask, warnings: string[], preloaded?: Preloaded): Uint8Array | undefined {
   const fds = new Map<string, number>();
   try {
-    return computeStoredWith(task, warnings, fds);
+    return computeStoredWith(task, warnings, fds, preloaded);
   } finally {
     for (const fd of fds.values()) closeSync(fd);
   }
 }
 
-function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<string, number>): Uint8Array | undefined {
+function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<string, number>, preloaded?: Preloaded): Uint8Array | undefined {
   const method = getMergeMethod(task.method);
   const v = gtaVariantOf(method);
   if (!v || !isStoredDType(task.outDtype)) return undefined;
@@ -203,7 +209,9 @@ function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<strin
     params: task.params,
     warn: (m: string) => warnings.push(m),
   };
-  if (!fusedMerge(v, ctx, inputs, out, task.residentBytes ? { residentBytes: task.residentBytes } : {})) return undefined;
+  // With areas for preloading, the kernel memory past them is not the kernel's to hold inputs in.
+  const opts = preloaded ? { preloaded } : task.residentBytes && !task.prefetch ? { residentBytes: task.residentBytes } : {};
+  if (!fusedMerge(v, ctx, inputs, out, opts)) return undefined;
   return new Uint8Array(buf, at, outBytes);
 }
 
@@ -225,14 +233,17 @@ function readLocated(i: ComputeInput, tensorName: string): Uint8Array {
   return bytes;
 }
 
-/** Merges one tensor and encodes it in the output dtype. */
-export function computeTensor(task: ComputeTask): ComputeResult {
+/**
+ * Merges one tensor and encodes it in the output dtype. `preloaded`: the inputs are already in
+ * kernel memory (read by the worker's `InputPrefetcher`).
+ */
+export function computeTensor(task: ComputeTask, preloaded?: Preloaded): ComputeResult {
   const warnings: string[] = [];
   const method = getMergeMethod(task.method);
   const buffers: (ArrayBuffer | SharedArrayBuffer)[] = [];
   for (const i of task.inputs) if (i.raw) buffers.push(i.raw.buffer as ArrayBuffer);
   if (buffers.length || task.inputs.some((i) => i.file)) {
-    const bytes = computeStored(task, warnings);
+    const bytes = computeStored(task, warnings, preloaded);
     if (bytes) {
       if (task.outBuffer && task.outBuffer !== bytes.buffer) buffers.push(task.outBuffer);
       return { id: task.id, bytes, warnings, buffers };
@@ -301,14 +312,59 @@ type WorkerMessage = { ok: true; result: ComputeResult } | { ok: false; id: numb
 
 if (!isMainThread && parentPort && (workerData as { mark?: string } | undefined)?.mark === WORKER_MARK) {
   const port = parentPort;
-  port.on('message', (task: ComputeTask) => {
-    let msg: WorkerMessage;
-    try {
-      msg = { ok: true, result: computeTensor(task) };
-    } catch (e) {
-      msg = { ok: false, id: task.id, error: serializeError(e) };
+  // Tasks in arrival order. A task whose inputs the prefetcher reads gets an area when one is
+  // free; the others are computed as they come. Results go back in arrival order.
+  interface Entry {
+    task: ComputeTask;
+    area?: number;
+    ready?: Promise<Preloaded | undefined>;
+  }
+  const queue: Entry[] = [];
+  let prefetcher: InputPrefetcher | undefined;
+  let running = false;
+
+  const startReads = () => {
+    for (const e of queue) {
+      if (e.ready) continue;
+      if (e.task.prefetch) prefetcher ??= new InputPrefetcher(e.task.prefetch);
+      if (!prefetcher || !e.task.prefetch || !prefetcher.eligible(e.task)) {
+        e.ready = Promise.resolve(undefined);
+        continue;
+      }
+      const started = prefetcher.start(e.task);
+      if (!started) return; // both areas taken: this and later tasks wait, in order
+      e.area = started.area;
+      e.ready = started.ready;
+      e.ready.catch(() => {}); // reported when the task's turn comes
     }
-    const transfer = msg.ok ? [msg.result.bytes.buffer, ...(msg.result.buffers ?? [])].filter((b): b is ArrayBuffer => b instanceof ArrayBuffer) : [];
-    port.postMessage(msg, [...new Set(transfer)]);
+  };
+
+  const run = async () => {
+    if (running) return;
+    running = true;
+    while (queue.length) {
+      startReads();
+      const e = queue[0]!;
+      if (!e.ready) break; // cannot happen: the head always gets an area or none is needed
+      let msg: WorkerMessage;
+      try {
+        const preloaded = await e.ready;
+        msg = { ok: true, result: computeTensor(e.task, preloaded) };
+      } catch (err) {
+        msg = { ok: false, id: e.task.id, error: serializeError(err) };
+      }
+      queue.shift();
+      if (e.area !== undefined) prefetcher!.release(e.area);
+      startReads();
+      const transfer = msg.ok ? [msg.result.bytes.buffer, ...(msg.result.buffers ?? [])].filter((b): b is ArrayBuffer => b instanceof ArrayBuffer) : [];
+      port.postMessage(msg, [...new Set(transfer)]);
+    }
+    running = false;
+  };
+
+  port.on('message', (task: ComputeTask) => {
+    queue.push({ task });
+    startReads();
+    void run();
   });
 }
