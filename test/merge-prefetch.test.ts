@@ -107,3 +107,20 @@ test('a read error in a prefetch fails the merge naming the file, and leaves not
   await assert.rejects(run, (e: Error) => e.message.includes(join('broken', weights)) && /file ended while reading a tensor/.test(e.message) && /\.weight/.test(e.message));
   assert.deepEqual((await readdir(dir)).filter((f) => f.startsWith('broken-out')), []);
 });
+
+test('amalgam merge --direct-reads: always writes the same bytes; an unknown value is refused with the choices', { skip }, async () => {
+  const { spawnSync } = await import('node:child_process');
+  const { writeFile } = await import('node:fs/promises');
+  const { REPO_ROOT } = await import('./helpers/fixtures.js');
+  const cfg = join(dir, 'cli.yml');
+  await writeFile(cfg, YAML);
+  const cli = (...args: string[]) =>
+    spawnSync(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'merge', cfg, ...args, '--model-dir', dir, '--quiet'], { cwd: REPO_ROOT, encoding: 'utf8' });
+  const ok = cli(join(dir, 'cli-out'), '--direct-reads', 'always', '--jobs', '2');
+  assert.equal(ok.status, 0, ok.stderr);
+  const ref = await merge('cli-ref', { jobs: 1, directReads: 'never' });
+  await sameWeights(ref.outDir, join(dir, 'cli-out'));
+  const bad = cli(join(dir, 'cli-bad'), '--direct-reads', 'sometimes');
+  assert.notEqual(bad.status, 0);
+  assert.match(bad.stderr, /--direct-reads.*sometimes.*auto, always, never/s);
+});

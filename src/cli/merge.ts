@@ -1,4 +1,4 @@
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
 import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
 import { AmalgamError } from '../errors.js';
@@ -16,6 +16,7 @@ interface MergeCliOptions {
   json?: boolean;
   quiet?: boolean;
   modelDir?: string;
+  directReads?: 'auto' | 'always' | 'never';
   [ignored: string]: unknown;
 }
 
@@ -62,6 +63,14 @@ export function registerMerge(program: Command): void {
     .option('--json', 'with --dry-run: print the plan as JSON')
     .option('-j, --jobs <n>', `worker threads for the arithmetic (default: ${availableParallelism()}, the number of cores; 1 for small merges)`, integer('--jobs', 1))
     .option('--overwrite', 'replace the output folder if it exists')
+    .addOption(
+      new Option(
+        '--direct-reads <when>',
+        'read input files past the page cache (O_DIRECT, Linux): auto = files mostly not cached; always; never. AMALGAM_DIRECT_IO=0 turns direct I/O off',
+      )
+        .choices(['auto', 'always', 'never'])
+        .default('auto'),
+    )
     .option('--model-dir <dir>', 'folder that relative model paths are resolved against (default: the working folder)')
     .option('-q, --quiet', 'print only errors and the output path');
   for (const [flag, , why] of IGNORED_FLAGS) cmd.option(flag, `accepted for mergekit compatibility and ignored (${why})`);
@@ -90,6 +99,7 @@ export function registerMerge(program: Command): void {
         ...(opts.randomSeed !== undefined ? { randomSeed: opts.randomSeed } : {}),
         ...(opts.jobs !== undefined ? { jobs: opts.jobs } : {}),
         ...(opts.modelDir !== undefined ? { baseDir: resolve(opts.modelDir) } : {}),
+        ...(opts.directReads !== undefined ? { directReads: opts.directReads } : {}),
         dryRun: !!opts.dryRun,
         overwrite: !!opts.overwrite,
         progressBar: !opts.quiet && !!process.stderr.isTTY,

@@ -7,10 +7,16 @@
  *   back, never copied.
  * - Tensors of the task arithmetic family with a magnitude or no sparsifier (ties,
  *   task_arithmetic) skip float32 inputs: the fused kernel (`gta.ts`) reads the stored values.
- *   With the WebAssembly kernels built and the inputs in files, the worker reads them chunk by
- *   chunk straight from the files (`streamed`) and writes the result into a shared buffer;
- *   otherwise they are read whole into reused buffers (`stored`). Buffers are pooled by size, so
- *   tensors of recurring shapes reuse memory that is already paged in.
+ *   With the WebAssembly kernels built and the inputs in files (`streamed`), the worker reads
+ *   them straight into its kernel memory and writes the result into a shared buffer; otherwise
+ *   they are read whole into reused buffers (`stored`). Buffers are pooled by size, so tensors
+ *   of recurring shapes reuse memory that is already paged in.
+ * - Streamed inputs (`planStreamedReads`): each worker gets up to three tasks at once and reads
+ *   the next ones' inputs, once and whole, into two areas of its kernel memory while it merges
+ *   the current one (`prefetch.ts`); tensors too large for an area are read into a third, big
+ *   area of the first worker when their files are out of the page cache and the budget allows,
+ *   otherwise region by region (twice: once per pass). Files mostly out of the page cache are
+ *   read with O_DIRECT. The areas are set aside from the budget.
  * - Memory is bounded by admission control. Each tensor has a cost: (inputs + 3) × its float32
  *   size (the inputs, the result, its encoded form and one scratch array), or what the fused
  *   paths hold (`storedCost`, `streamedCost`). A tensor starts only when the costs of the tensors
@@ -37,7 +43,7 @@ import { canReadRawInto, openSafetensors, ShardedSafetensorsWriter, type RawInto
 import type { TensorSource } from '../io/source.js';
 import { byteSize, numel } from '../tensor/dtype.js';
 import { openAdaptedSource } from '../lora/apply.js';
-import { kernelRegionEnd, slotBytes, wasmDtypesFit, wasmKernelsAvailable } from './gta.js';
+import { KERNEL_MEMORY_MAX, kernelRegionEnd, slotBytes, wasmDtypesFit, wasmKernelsAvailable } from './gta.js';
 import type { PrefetchAreas } from './prefetch.js';
 import { AMALGAM_VERSION, writeOutputFiles } from './output.js';
 import { buildPermutedEmbedding, permutedEmbeddingSources, type EmbeddingMatrix } from './embed.js';
@@ -430,7 +436,11 @@ function planStreamedReads(
   const reserve = Math.floor(budget / 4);
   if (workers === 0) return { direct, prefetch: undefined, residentBytes: reserve, flightBudget: budget - reserve, big };
   const maxInputs = Math.max(2, ...tensors.map((t) => t.inputs.length));
-  const prefetch: PrefetchAreas = { base: kernelRegionEnd(maxInputs), bytes: Math.floor(reserve / (2 * workers) / DIRECT_ALIGN) * DIRECT_ALIGN };
+  // A worker's kernel addresses at most KERNEL_MEMORY_MAX bytes: its scratch, the areas, the big one.
+  const base = kernelRegionEnd(maxInputs);
+  const room = KERNEL_MEMORY_MAX - base;
+  const areaBytes = Math.floor(Math.min(reserve / (2 * workers), room / 2) / DIRECT_ALIGN) * DIRECT_ALIGN;
+  const prefetch: PrefetchAreas = { base, bytes: areaBytes };
   let bigNeed = 0;
   let flightMax = 0;
   const candidates: PlannedTensor[] = [];
@@ -442,7 +452,7 @@ function planStreamedReads(
     }
   }
   let bigReserve = 0;
-  if (bigNeed && reserve + bigNeed + flightMax <= budget) {
+  if (bigNeed && reserve + bigNeed + flightMax <= budget && 2 * areaBytes + bigNeed <= room) {
     bigReserve = Math.ceil(bigNeed / DIRECT_ALIGN) * DIRECT_ALIGN;
     prefetch.big = bigReserve;
     for (const t of candidates) big.add(t.index);

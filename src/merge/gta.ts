@@ -1025,9 +1025,17 @@ export function kernelMemory(bytes: number): Buffer | null {
   const state = mergeWasm();
   if (!state) return null;
   const have = state.memory.buffer.byteLength;
-  if (bytes > have) state.memory.grow(Math.ceil((bytes - have) / PAGE));
+  if (bytes > KERNEL_MEMORY_MAX) return null;
+  try {
+    if (bytes > have) state.memory.grow(Math.ceil((bytes - have) / PAGE));
+  } catch {
+    return null; // the address space for it was not there
+  }
   return Buffer.from(state.memory.buffer);
 }
+
+/** The most memory a thread's kernel can address (a 32-bit WebAssembly memory). */
+export const KERNEL_MEMORY_MAX = 65536 * PAGE;
 
 /** Bytes of one input's slot for regions of `bytes`: room to read whole pages around them, and a pad. */
 export function slotBytes(bytes: number): number {
@@ -1147,7 +1155,8 @@ class WasmKernel implements Kernel {
     // in place. Otherwise a region of values per input, refilled as the passes go.
     const files = inputs.every((v) => !('data' in v));
     const direct = files && inputs.some((v) => (v as FileValues).directFd !== undefined);
-    this.resident = preloaded !== undefined || (files && (M + 1) * slotBytes(this.n * this.size) <= residentBytes);
+    const need = (M + 1) * slotBytes(this.n * this.size);
+    this.resident = preloaded !== undefined || (files && need <= residentBytes && p + need <= KERNEL_MEMORY_MAX);
     this.region = this.resident ? this.n : direct ? REGION_DIRECT : REGION;
     this.stride = preloaded?.stride ?? slotBytes(this.region * this.size);
     // Values sit at the same offset of every slot: the page offset of the first input's file
