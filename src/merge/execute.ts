@@ -435,7 +435,9 @@ function planStreamedReads(
   }
   const reserve = Math.floor(budget / 4);
   if (workers === 0) return { direct, prefetch: undefined, residentBytes: reserve, flightBudget: budget - reserve, big };
-  const maxInputs = Math.max(2, ...tensors.map((t) => t.inputs.length));
+  // Past the kernel's own memory for any tensor of the plan (streamed or not), so that no merge
+  // in the worker can touch an area while the next inputs are read into it.
+  const maxInputs = plan.tensors.reduce((m, t) => Math.max(m, t.inputs.length), 2);
   // A worker's kernel addresses at most KERNEL_MEMORY_MAX bytes: its scratch, the areas, the big one.
   const base = kernelRegionEnd(maxInputs);
   const room = KERNEL_MEMORY_MAX - base;
