@@ -132,6 +132,8 @@ export interface ExecuteResult {
     /** Tensors read whole into the big area, and its size. */
     bigTensors: number;
     bigAreaBytes: number;
+    /** Memory of the budget set aside for inputs read whole (areas, or inline one tensor's). */
+    setAsideBytes: number;
   };
 }
 
@@ -728,7 +730,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
     memoryBudget: budget,
     peakInFlightBytes: peak,
     warnings,
-    reads: { directFiles: direct.size, areaBytes: prefetch?.bytes ?? 0, bigTensors: big.size, bigAreaBytes: prefetch?.big ?? 0 },
+    reads: { directFiles: direct.size, areaBytes: prefetch?.bytes ?? 0, bigTensors: big.size, bigAreaBytes: prefetch?.big ?? 0, setAsideBytes: budget - flightBudget },
   };
 }
 

@@ -248,6 +248,11 @@ function estimateShards(plan: MergePlan, limit: number): number {
 }
 
 /** What a finished merge did and where its output is. */
+/** The memory set aside for reading inputs ahead, as a note to the in-flight bound. */
+function readAheadNote(e: ExecuteResult): string {
+  return e.reads.setAsideBytes ? `, less ${formatBytes(e.reads.setAsideBytes)} set aside for inputs read whole` : '';
+}
+
 export function formatMergeReport(r: RunMergeResult): string {
   const e = r.execution;
   if (!e) return formatPlanSummary(r.plan, { outDir: r.outDir });
@@ -255,9 +260,10 @@ export function formatMergeReport(r: RunMergeResult): string {
   const lines = [
     `Merged ${r.plan.models.length} models with ${r.plan.method}${r.plan.randomized ? ` (random seed ${r.plan.randomSeed})` : ''} in ${secs.toFixed(2)} s (${e.jobs} job${e.jobs === 1 ? '' : 's'}):`,
     `  ${e.tensors} tensors, ${formatBytes(e.bytesRead)} read, ${formatBytes(e.bytesWritten)} written (${formatBytes((e.bytesRead + e.bytesWritten) / Math.max(secs, 1e-3))}/s)`,
-    `  peak tensor buffers in flight: ${formatBytes(e.peakInFlightBytes)} (bound ${formatBytes(e.memoryBudget)})`,
+    `  peak tensor buffers in flight: ${formatBytes(e.peakInFlightBytes)} (bound ${formatBytes(e.memoryBudget)}${readAheadNote(e)})`,
     `  files: ${e.files.join(', ')}`,
   ];
+  if (e.reads.directFiles) lines.splice(2, 0, `  ${e.reads.directFiles} input file${e.reads.directFiles === 1 ? '' : 's'} read past the page cache (O_DIRECT)`);
   if (r.warnings.length) lines.push(`  ${r.warnings.length} warning${r.warnings.length === 1 ? '' : 's'} (shown above)`);
   lines.push(`Output: ${r.outDir}`);
   return lines.join('\n');
