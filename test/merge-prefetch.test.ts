@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { parseMergeConfig } from '../src/config/parse.js';
 import { writeSyntheticLlama, type SyntheticLlamaOptions } from '../src/demo/synthetic.js';
 import { directIoEnabled } from '../src/io/aligned.js';
-import { wasmKernelsAvailable } from '../src/merge/gta.js';
+import { wasmKernelsAvailable } from '../src/merge/fused-wasm.js';
 import { formatMergeReport, runMerge, type RunMergeOptions } from '../src/merge/run.js';
 
 // A disk-backed folder inside the repository: the OS temp folder may be tmpfs, which refuses

@@ -43,7 +43,7 @@ import { canReadRawInto, openSafetensors, ShardedSafetensorsWriter, type RawInto
 import type { TensorSource } from '../io/source.js';
 import { byteSize, numel } from '../tensor/dtype.js';
 import { openAdaptedSource } from '../lora/apply.js';
-import { KERNEL_MEMORY_MAX, kernelRegionEnd, slotBytes, wasmDtypesFit, wasmKernelsAvailable } from './gta.js';
+import { KERNEL_MEMORY_MAX, kernelRegionEnd, slotBytes, wasmDtypesFit, wasmKernelsAvailable } from './fused-wasm.js';
 import type { PrefetchAreas } from './prefetch.js';
 import { AMALGAM_VERSION, writeOutputFiles } from './output.js';
 import { buildPermutedEmbedding, permutedEmbeddingSources, type EmbeddingMatrix } from './embed.js';

@@ -15,7 +15,8 @@ import { AmalgamError } from '../errors.js';
 import { DIRECT_ALIGN, directFlag } from '../io/aligned.js';
 import { ioError } from '../io/source.js';
 import { numel } from '../tensor/dtype.js';
-import { kernelMemory, slotBytes, type Preloaded } from './gta.js';
+import type { Preloaded } from './fused-common.js';
+import { kernelMemory, slotBytes } from './fused-wasm.js';
 import type { ComputeTask } from './worker.js';
 
 /**

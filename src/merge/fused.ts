@@ -1,0 +1,312 @@
+/**
+ * The fused kernel of generalized task arithmetic with a magnitude or no sparsifier.
+ *
+ * Task vectors, the magnitude top-k, the weighting and the combine, streamed in chunks straight
+ * from the stored values (float32, or the bits of BF16 / F16; in memory, or read from a file
+ * chunk by chunk), with no task vector, key or mask array per model. Element by element it does
+ * the same float32 arithmetic as `taskVector`, `sparsify` ('magnitude' without rescale) and
+ * `combineTaskVectors`, in the same order, so the results are identical. The chunk passes run
+ * in WebAssembly SIMD (assembly/merge.ts, built by `npm run build:wasm`) where the module is
+ * built and the dtypes suit it, in TypeScript otherwise.
+ *
+ * The top-k keep rule of one model is a threshold key `thr` and an index cut `cut`: element j is
+ * kept when key(j) > thr, or key(j) = thr and j < cut (ties by lower flat index, as `topKMask`).
+ * Both come from an exact selection over the keys:
+ * - large tensors: a sample of the keys brackets the threshold; one pass counts the keys above
+ *   the bracket and lists those inside it, and the selection finishes on that list. When the
+ *   bracket misses (or the list overflows), the model falls back to the histogram selection;
+ * - otherwise: a histogram of the upper 16 key bits finds the threshold's bucket, a second pass
+ *   lists (or histograms, then scans for the cut) the keys in that bucket.
+ */
+import { readSync } from 'node:fs';
+import { AmalgamError } from '../errors.js';
+import { selectKth, selectKths } from './tensor-ops.js';
+import {
+  CHUNK,
+  FLT_MAX,
+  KeyList,
+  scalarDivisorOf,
+  storedLength,
+  type CombineSettings,
+  type FusedGtaModel,
+  type FusedGtaOptions,
+  type Kernel,
+  type KeepRule,
+  type MemoryValues,
+  type StoredValues,
+} from './fused-common.js';
+import { JsKernel } from './fused-js.js';
+import { mergeWasm, wasmDtypesFit, WasmKernel } from './fused-wasm.js';
+
+/** Tensors at least this large bracket the threshold from a sample. */
+const SAMPLE_MIN = 1 << 20;
+const SAMPLE_RUNS = 128;
+const SAMPLE_RUN = 512;
+/** Bracket half-width in standard deviations of the sample rank. */
+const SAMPLE_SIGMAS = 6;
+
+/**
+ * The keep rule that marks the `need` largest keys of a list in index order (ties by lower
+ * position), given that every key outside the list is either above all of it or below all of it.
+ */
+function ruleFromList(list: KeyList, need: number): KeepRule {
+  const keys = list.keys();
+  const thr = selectKth(keys, list.length - need);
+  let greater = 0;
+  for (let i = 0; i < list.length; i++) if (keys[i]! > thr) greater++;
+  let ties = need - greater;
+  for (let i = 0; i < list.length; i++) {
+    if (keys[i] === thr && --ties === 0) return { thr, cut: list.index(i) + 1 };
+  }
+  throw new Error('fused top-k: threshold not found in its list');
+}
+
+/**
+ * One past the index of the `rank`-th (1-based, in index order) key of model m equal to `key`,
+ * given how many there are in each chunk.
+ */
+function cutAt(kernel: Kernel, m: number, key: number, rank: number, perChunk: Float64Array): number {
+  let c = 0;
+  while (rank > perChunk[c]!) rank -= perChunk[c++]!;
+  const start = c * CHUNK;
+  const len = Math.min(CHUNK, perChunk.length * CHUNK - start);
+  kernel.load(start, len, [m], false);
+  kernel.keys(m, len);
+  for (let j = 0; j < len; j++) if (kernel.key(j) === key && --rank === 0) return start + j + 1;
+  throw new Error('fused top-k: the cut is not in its chunk');
+}
+
+/** Runs `visit` on every chunk of the listed models' keys, in index order, until it returns false. */
+function sweep(kernel: Kernel, n: number, models: readonly number[], visit: (m: number, start: number, len: number) => boolean): void {
+  const live = models.slice();
+  for (let start = 0; start < n && live.length; start += CHUNK) {
+    const len = Math.min(CHUNK, n - start);
+    kernel.load(start, len, live, true);
+    for (let t = 0; t < live.length; ) {
+      const m = live[t]!;
+      kernel.keys(m, len);
+      if (visit(m, start, len)) t++;
+      else live.splice(t, 1);
+    }
+  }
+}
+
+/** The keep rules of the models with `kKeep.get(m)` elements kept (1 ≤ kKeep < n). */
+function selectRules(kernel: Kernel, n: number, kKeep: ReadonlyMap<number, number>): { rules: Map<number, KeepRule>; bracketed: boolean } {
+  const rules = new Map<number, KeepRule>();
+  let bracketed = false;
+  let pending = [...kKeep.keys()];
+  const cap = Math.max(1 << 16, Math.ceil(n / 16));
+  const want = (m: number) => kKeep.get(m)!;
+
+  if (n >= SAMPLE_MIN && pending.length) {
+    // Keys of every model at SAMPLE_RUNS evenly spread runs of SAMPLE_RUN values.
+    const S = SAMPLE_RUNS * SAMPLE_RUN;
+    const samples = pending.map(() => new Uint32Array(S));
+    const step = (n - SAMPLE_RUN) / (SAMPLE_RUNS - 1);
+    for (let r = 0; r < SAMPLE_RUNS; r++) {
+      kernel.load(Math.floor(r * step), SAMPLE_RUN, pending, false);
+      pending.forEach((m, t) => {
+        kernel.keys(m, SAMPLE_RUN);
+        const out = samples[t]!;
+        for (let j = 0; j < SAMPLE_RUN; j++) out[r * SAMPLE_RUN + j] = kernel.key(j);
+      });
+    }
+    // The bracket [lo, hi] around the threshold's rank, both ends from one selection per model.
+    const lo: number[] = [];
+    const hi: number[] = [];
+    pending.forEach((m, t) => {
+      const q = (n - want(m)) / n;
+      const w = Math.ceil(SAMPLE_SIGMAS * Math.sqrt(S * q * (1 - q))) + 8;
+      const r = Math.floor(q * S);
+      const ranks = [r - w <= 0 ? 0 : r - w, r + w >= S - 1 ? 0 : r + w];
+      const [a, b] = selectKths(samples[t]!, ranks);
+      lo.push(r - w <= 0 ? 0 : a!);
+      hi.push(r + w >= S - 1 ? 0x7fffffff : b!);
+    });
+    const chunks = Math.ceil(n / CHUNK);
+    const above = pending.map(() => 0);
+    const atHi = pending.map(() => new Float64Array(chunks));
+    const atLo = pending.map(() => new Float64Array(chunks));
+    const lists = pending.map(() => new KeyList(1 << 14, cap));
+    for (let start = 0, c = 0; start < n; start += CHUNK, c++) {
+      const len = Math.min(CHUNK, n - start);
+      kernel.load(start, len, pending, true);
+      const counts = kernel.window(len, pending, lo, hi, start, lists);
+      for (let t = 0; t < pending.length; t++) {
+        above[t] += counts[t]!.above;
+        atHi[t]![c] = counts[t]!.atHi;
+        atLo[t]![c] = counts[t]!.atLo;
+      }
+      if (lists.every((l) => l.overflow)) break;
+      bracketed = start + CHUNK >= n;
+    }
+    const failed: number[] = [];
+    pending.forEach((m, t) => {
+      const list = lists[t]!;
+      const sum = (a: Float64Array) => a.reduce((x, y) => x + y, 0);
+      let need = want(m) - above[t]!;
+      const nHi = sum(atHi[t]!);
+      if (list.overflow || need < 1) return failed.push(m);
+      if (need <= nHi) return rules.set(m, { thr: hi[t]!, cut: cutAt(kernel, m, hi[t]!, need, atHi[t]!) });
+      if (lo[t] === hi[t]) return failed.push(m);
+      need -= nHi;
+      if (need <= list.length) return rules.set(m, ruleFromList(list, need));
+      need -= list.length;
+      if (need <= sum(atLo[t]!)) return rules.set(m, { thr: lo[t]!, cut: cutAt(kernel, m, lo[t]!, need, atLo[t]!) });
+      failed.push(m);
+    });
+    pending = failed;
+  }
+  if (pending.length === 0) return { rules, bracketed };
+
+  // Histogram of the upper 16 bits, then the threshold's bucket.
+  const slot = new Map(pending.map((m, i) => [m, i]));
+  sweep(kernel, n, pending, (m, _start, len) => {
+    kernel.histHigh(len, slot.get(m)!);
+    return true;
+  });
+  const bucket = new Map<number, number>();
+  const lessBucket = new Map<number, number>();
+  for (const m of pending) {
+    const h = kernel.histogram(slot.get(m)!);
+    let rank = n - want(m);
+    let less = 0;
+    let b = 0;
+    while (rank >= h[b]!) {
+      rank -= h[b]!;
+      less += h[b++]!;
+    }
+    bucket.set(m, b);
+    lessBucket.set(m, less);
+  }
+  const lists = new Map(pending.map((m) => [m, new KeyList(1 << 12, cap)]));
+  sweep(kernel, n, pending, (m, start, len) => {
+    kernel.bucket(len, bucket.get(m)!, slot.get(m)!, start, lists.get(m)!);
+    return true;
+  });
+  const rescan: number[] = [];
+  const tiesLeft = new Map<number, number>();
+  for (const m of pending) {
+    const low = kernel.lowHistogram(slot.get(m)!);
+    let rank = n - want(m) - lessBucket.get(m)!;
+    let less = lessBucket.get(m)!;
+    let l = 0;
+    while (rank >= low[l]!) {
+      rank -= low[l]!;
+      less += low[l++]!;
+    }
+    const thr = ((bucket.get(m)! << 16) | l) >>> 0;
+    const greater = n - less - low[l]!;
+    const list = lists.get(m)!;
+    if (!list.overflow) {
+      let inListAbove = 0;
+      for (let i = 0; i < list.length; i++) if (list.pairs[2 * i + 1]! >>> 0 > thr) inListAbove++;
+      rules.set(m, ruleFromList(list, want(m) - greater + inListAbove));
+    } else {
+      rules.set(m, { thr, cut: n });
+      tiesLeft.set(m, want(m) - greater);
+      rescan.push(m);
+    }
+  }
+  if (rescan.length) {
+    // The index of the last tie kept, by a scan in index order.
+    sweep(kernel, n, rescan, (m, start, len) => {
+      let left = tiesLeft.get(m)!;
+      const rule = rules.get(m)!;
+      for (let j = 0; j < len; j++) {
+        if (kernel.key(j) === rule.thr && --left === 0) {
+          rule.cut = start + j + 1;
+          break;
+        }
+      }
+      tiesLeft.set(m, left);
+      return left > 0;
+    });
+  }
+  return { rules, bracketed };
+}
+
+/** The whole of file-backed values, read into memory. */
+function inMemory(v: StoredValues): MemoryValues {
+  if ('data' in v) return v;
+  const size = v.dtype === 'F32' ? 4 : 2;
+  const buf = new ArrayBuffer(v.length * size);
+  const bytes = new Uint8Array(buf);
+  let done = 0;
+  while (done < bytes.length) {
+    const r = readSync(v.fd, bytes, done, bytes.length - done, v.offset + done);
+    if (r === 0) throw new AmalgamError('E_IO', `file ended while reading a tensor (at byte ${v.offset + done})`);
+    done += r;
+  }
+  const round = v.round ? { round: v.round } : {};
+  return v.dtype === 'F32' ? { dtype: 'F32', data: new Float32Array(buf), ...round } : { dtype: v.dtype, data: new Uint16Array(buf), ...round };
+}
+
+/**
+ * The merge of generalized task arithmetic with a magnitude or no sparsifier, without rescale,
+ * in one streaming kernel (see above). Writes `o.out`; returns nothing.
+ */
+export function fusedGta(o: FusedGtaOptions): void {
+  const n = storedLength(o.base);
+  for (const m of o.models) if (storedLength(m.values) !== n) throw new RangeError('fusedGta: inputs differ in length');
+  if (o.out.data.length !== n) throw new RangeError('fusedGta: output length differs');
+  // Zeroed task vectors add nothing anywhere: +0 + (±0) = +0 and ±0 never agrees with a sign.
+  const active = o.models.filter((m) => m.keep !== 0);
+  const inputs = [o.base, ...active.map((m) => m.values)];
+  const state = n > 0 && wasmDtypesFit(inputs, o.out.dtype) && inputs.every((v) => !('data' in v) || (v.data.byteOffset & 3) === 0) ? mergeWasm() : null;
+  if (state) {
+    // Preloaded inputs are laid out for every model; a model with nothing kept is left out here.
+    const preloaded = o.preloaded && active.length === o.models.length && inputs.every((v) => !('data' in v)) ? o.preloaded : undefined;
+    const kernel = new WasmKernel(state, inputs, o.out, o.residentBytes ?? 0, preloaded);
+    runFused(kernel, n, active, o);
+    if (!kernel.sawNaN()) return;
+  }
+  const mem = inputs.map(inMemory);
+  runFused(new JsKernel(mem[0]!, mem.slice(1), o.out), n, active, o);
+}
+
+function runFused(kernel: Kernel, n: number, active: readonly FusedGtaModel[], o: FusedGtaOptions): void {
+  const M = active.length;
+  // Keep rules: thr = -1 keeps everything.
+  const thr = new Float64Array(M).fill(-1);
+  const cut = new Float64Array(M);
+  const kKeep = new Map<number, number>();
+  active.forEach((m, i) => {
+    if (m.keep !== null) kKeep.set(i, m.keep);
+  });
+  let bracketed = false;
+  if (kKeep.size) {
+    const selected = selectRules(kernel, n, kKeep);
+    bracketed = selected.bracketed;
+    for (const [m, rule] of selected.rules) {
+      thr[m] = rule.thr;
+      cut[m] = rule.cut;
+    }
+  }
+  // The bracket pass read every input when every model has a top-k: if their magnitudes stay
+  // below 2^126, each task vector is below 2^127 (finite), and the weighted values are finite
+  // when |w| · 2 · max < FLT_MAX. (Their float32 sums may still overflow to ±Inf, never to NaN;
+  // the masked combine computes those exactly as the general one.)
+  let maxWeight = 0;
+  for (const m of active) maxWeight = Math.max(maxWeight, Math.abs(Math.fround(m.weight)));
+  const maxIn = bracketed && kKeep.size === M ? kernel.maxInput() : Infinity;
+  const finite = maxIn < 2 ** 126 && maxWeight * 2 * maxIn < FLT_MAX;
+  const settings: CombineSettings = {
+    thr,
+    cut,
+    weights: active.map((m) => Math.fround(m.weight)),
+    consensus: o.consensus === 'sum',
+    normalize: o.normalize,
+    lambda: Math.fround(o.lambda),
+    scalarDivisor: scalarDivisorOf(o.models.map((m) => m.weight)),
+    finite,
+  };
+  const all = active.map((_, i) => i);
+  for (let start = 0; start < n; start += CHUNK) {
+    const len = Math.min(CHUNK, n - start);
+    kernel.load(start, len, all, true);
+    kernel.combine(start, len, settings);
+  }
+  kernel.close();
+}
