@@ -10,7 +10,7 @@
  * to the slot's page-aligned start, then moved to the common offset where their page offset
  * differs from the base's; any refusal falls back to ordinary reads.
  */
-import { close, constants, open, read } from 'node:fs';
+import { constants, open, read } from 'node:fs';
 import { AmalgamError } from '../errors.js';
 import { DIRECT_ALIGN, directFlag } from '../io/aligned.js';
 import { ioError } from '../io/source.js';
@@ -48,6 +48,10 @@ function valueSize(dtype: string | undefined): number | undefined {
   return dtype === 'BF16' ? 2 : dtype === 'F32' ? 4 : undefined;
 }
 
+/**
+ * The reader of one worker. Files stay open for the worker's life (one merge); Node closes the
+ * descriptors a worker opened when it exits.
+ */
 export class InputPrefetcher {
   private readonly fds = new Map<string, Promise<number>>();
   private readonly directFds = new Map<string, Promise<number | undefined>>();
@@ -92,14 +96,19 @@ export class InputPrefetcher {
     const first = task.inputs[l.order[0]!]!.file!;
     const at = first.direct ? first.offset % DIRECT_ALIGN : 0;
     const bytes = l.n * l.size;
-    const ready = Promise.all(
+    // Every read settles before the promise does, failed or not: the area is released only then.
+    const ready = Promise.allSettled(
       l.order.map(async (k, slot) => {
         const file = task.inputs[k]!.file!;
         const slotStart = start + slot * l.stride;
         await this.readInput(mem, file, slotStart, at, bytes, task.tensorName);
         mem.fill(0, slotStart + at + bytes, slotStart + at + bytes + 16);
       }),
-    ).then(() => ({ pIn: start + at, stride: l.stride }));
+    ).then((results) => {
+      const failed = results.find((r) => r.status === 'rejected');
+      if (failed) throw failed.reason;
+      return { pIn: start + at, stride: l.stride };
+    });
     return { area, ready };
   }
 
@@ -148,7 +157,7 @@ export class InputPrefetcher {
       this.directFds.set(file.path, Promise.resolve(undefined));
     }
     const fd = await this.fd(file.path);
-    await Promise.all(
+    await settleAll(
       pieces(bytes, PIECE).map(async ([from, len]) => {
         let done = 0;
         while (done < len) {
@@ -166,7 +175,7 @@ export class InputPrefetcher {
   private async readDirect(fd: number, mem: Buffer, dst: number, position: number, length: number): Promise<boolean> {
     const want = Math.ceil(length / DIRECT_ALIGN) * DIRECT_ALIGN;
     try {
-      const got = await Promise.all(
+      const got = await settleAll(
         pieces(want, PIECE).map(async ([from, len]) => {
           const r = await readAsync(fd, mem, dst + from, len, position + from);
           // A short read is the end of the file, fine only past the values wanted.
@@ -179,16 +188,14 @@ export class InputPrefetcher {
     }
   }
 
-  /** Closes the files opened so far. */
-  async close(): Promise<void> {
-    const all = [...this.fds.values(), ...this.directFds.values()];
-    this.fds.clear();
-    this.directFds.clear();
-    for (const p of all) {
-      const fd = await p.catch(() => undefined);
-      if (fd !== undefined) await new Promise<void>((r) => close(fd, () => r()));
-    }
-  }
+}
+
+/** Like Promise.all, but settles only once every promise has: no read is left writing memory. */
+async function settleAll<T>(promises: Promise<T>[]): Promise<T[]> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((r) => r.status === 'rejected');
+  if (failed) throw (failed as PromiseRejectedResult).reason;
+  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
 }
 
 /** [offset, length] pieces of at most `piece` bytes (a multiple of the page) covering `total`. */
