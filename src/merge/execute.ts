@@ -651,18 +651,9 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
           await schedule(plan.tensors, {
             // A tensor stays in flight while it is written: room for the next ones to compute meanwhile.
             concurrency: pool ? (depth + 1) * jobs + 1 : 3,
-            // Streamed tensors too large for the two prefetch areas: one at a time where they go to
-            // the big area (it holds one); otherwise they read their files twice, region by region,
-            // while their worker waits: at most half the workers at a time, so the others keep
-            // merging (and their reads keep the disk busy).
-            ...(prefetch
-              ? {
-                  exclusive: {
-                    is: (t: PlannedTensor) => streamed.has(t.index) && !prefetchable(t, prefetch),
-                    max: prefetch.big ? 1 : Math.max(1, Math.floor(jobs / 2)),
-                  },
-                }
-              : {}),
+            // The big area holds one tensor's inputs: one such tensor in flight at a time, so the
+            // others do not hold places while they wait for it.
+            ...(big.size ? { exclusive: { is: (t: PlannedTensor) => big.has(t.index), max: 1 } } : {}),
             budget: flightBudget,
             cost,
             signal,
