@@ -91,6 +91,59 @@ function sweep(kernel: Kernel, n: number, models: readonly number[], visit: (m: 
   }
 }
 
+/**
+ * Keys of every listed model at SAMPLE_RUNS evenly spread runs of SAMPLE_RUN values. The chunk
+ * loops live in small functions of their own so that V8 optimizes them once, not the whole
+ * selection again at every tensor.
+ */
+function sampleKeys(kernel: Kernel, n: number, models: readonly number[]): Uint32Array[] {
+  const S = SAMPLE_RUNS * SAMPLE_RUN;
+  const samples = models.map(() => new Uint32Array(S));
+  const step = (n - SAMPLE_RUN) / (SAMPLE_RUNS - 1);
+  for (let r = 0; r < SAMPLE_RUNS; r++) {
+    kernel.load(Math.floor(r * step), SAMPLE_RUN, models, false);
+    for (let t = 0; t < models.length; t++) {
+      kernel.keys(models[t]!, SAMPLE_RUN);
+      const out = samples[t]!;
+      for (let j = 0; j < SAMPLE_RUN; j++) out[r * SAMPLE_RUN + j] = kernel.key(j);
+    }
+  }
+  return samples;
+}
+
+/**
+ * One pass over every chunk: per model, the keys above its bracket, the keys at either end per
+ * chunk, and the keys strictly inside listed. Stops early once every list has overflowed;
+ * `complete` says whether every chunk was seen.
+ */
+function bracketPass(
+  kernel: Kernel,
+  n: number,
+  models: readonly number[],
+  lo: readonly number[],
+  hi: readonly number[],
+  lists: KeyList[],
+): { above: number[]; atHi: Float64Array[]; atLo: Float64Array[]; complete: boolean } {
+  const chunks = Math.ceil(n / CHUNK);
+  const above = models.map(() => 0);
+  const atHi = models.map(() => new Float64Array(chunks));
+  const atLo = models.map(() => new Float64Array(chunks));
+  let complete = false;
+  for (let start = 0, c = 0; start < n; start += CHUNK, c++) {
+    const len = Math.min(CHUNK, n - start);
+    kernel.load(start, len, models, true);
+    const counts = kernel.window(len, models, lo, hi, start, lists);
+    for (let t = 0; t < models.length; t++) {
+      above[t] += counts[t]!.above;
+      atHi[t]![c] = counts[t]!.atHi;
+      atLo[t]![c] = counts[t]!.atLo;
+    }
+    if (lists.every((l) => l.overflow)) break;
+    complete = start + CHUNK >= n;
+  }
+  return { above, atHi, atLo, complete };
+}
+
 /** The keep rules of the models with `kKeep.get(m)` elements kept (1 ≤ kKeep < n). */
 function selectRules(kernel: Kernel, n: number, kKeep: ReadonlyMap<number, number>): { rules: Map<number, KeepRule>; bracketed: boolean } {
   const rules = new Map<number, KeepRule>();
@@ -100,18 +153,8 @@ function selectRules(kernel: Kernel, n: number, kKeep: ReadonlyMap<number, numbe
   const want = (m: number) => kKeep.get(m)!;
 
   if (n >= SAMPLE_MIN && pending.length) {
-    // Keys of every model at SAMPLE_RUNS evenly spread runs of SAMPLE_RUN values.
     const S = SAMPLE_RUNS * SAMPLE_RUN;
-    const samples = pending.map(() => new Uint32Array(S));
-    const step = (n - SAMPLE_RUN) / (SAMPLE_RUNS - 1);
-    for (let r = 0; r < SAMPLE_RUNS; r++) {
-      kernel.load(Math.floor(r * step), SAMPLE_RUN, pending, false);
-      pending.forEach((m, t) => {
-        kernel.keys(m, SAMPLE_RUN);
-        const out = samples[t]!;
-        for (let j = 0; j < SAMPLE_RUN; j++) out[r * SAMPLE_RUN + j] = kernel.key(j);
-      });
-    }
+    const samples = sampleKeys(kernel, n, pending);
     // The bracket [lo, hi] around the threshold's rank, both ends from one selection per model.
     const lo: number[] = [];
     const hi: number[] = [];
@@ -124,23 +167,9 @@ function selectRules(kernel: Kernel, n: number, kKeep: ReadonlyMap<number, numbe
       lo.push(r - w <= 0 ? 0 : a!);
       hi.push(r + w >= S - 1 ? 0x7fffffff : b!);
     });
-    const chunks = Math.ceil(n / CHUNK);
-    const above = pending.map(() => 0);
-    const atHi = pending.map(() => new Float64Array(chunks));
-    const atLo = pending.map(() => new Float64Array(chunks));
     const lists = pending.map(() => new KeyList(1 << 14, cap));
-    for (let start = 0, c = 0; start < n; start += CHUNK, c++) {
-      const len = Math.min(CHUNK, n - start);
-      kernel.load(start, len, pending, true);
-      const counts = kernel.window(len, pending, lo, hi, start, lists);
-      for (let t = 0; t < pending.length; t++) {
-        above[t] += counts[t]!.above;
-        atHi[t]![c] = counts[t]!.atHi;
-        atLo[t]![c] = counts[t]!.atLo;
-      }
-      if (lists.every((l) => l.overflow)) break;
-      bracketed = start + CHUNK >= n;
-    }
+    const { above, atHi, atLo, complete } = bracketPass(kernel, n, pending, lo, hi, lists);
+    bracketed = complete;
     const failed: number[] = [];
     pending.forEach((m, t) => {
       const list = lists[t]!;
