@@ -267,6 +267,37 @@ async function timeWrite(path: string, bytes: number, settleSeconds: number, dir
   return dt;
 }
 
+/** Read requests a block device has completed: how many, and the bytes they moved. */
+interface DiskReads {
+  requests: number;
+  bytes: number;
+}
+
+/**
+ * The `stat` file of the block device holding `file` (Linux: /sys/dev/block/MAJOR:MINOR/stat, a
+ * partition's own where the file is on one), or undefined elsewhere.
+ */
+async function deviceStatPath(file: string): Promise<string | undefined> {
+  const dev = (await stat(file, { bigint: true })).dev;
+  const major = Number(((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn));
+  const minor = Number((dev & 0xffn) | ((dev >> 12n) & ~0xffn));
+  const path = `/sys/dev/block/${major}:${minor}/stat`;
+  return (await readFile(path, 'utf8').catch(() => undefined)) === undefined ? undefined : path;
+}
+
+async function diskReads(statPath: string | undefined): Promise<DiskReads | undefined> {
+  if (!statPath) return undefined;
+  const f = (await readFile(statPath, 'utf8').catch(() => '')).trim().split(/\s+/).map(Number);
+  // Fields 1 and 3: reads completed, sectors (512 bytes) read.
+  return f.length >= 3 && Number.isFinite(f[0]) && Number.isFinite(f[2]) ? { requests: f[0]!, bytes: f[2]! * 512 } : undefined;
+}
+
+/** The average read request between two readings of the device's counters, or undefined. */
+function averageRequest(before: DiskReads | undefined, after: DiskReads | undefined): number | undefined {
+  if (!before || !after || after.requests <= before.requests) return undefined;
+  return (after.bytes - before.bytes) / (after.requests - before.requests);
+}
+
 interface ChildResult {
   /** runMerge wall time (planning, reading, merging, writing, fsync, rename). */
   seconds: number;
@@ -571,17 +602,20 @@ export async function run(args: string[]): Promise<void> {
   let largest = 0;
   for (const s of specs) largest = Math.max(largest, numel(s.shape) * 4);
   const rssBound = (MODELS.length + 3) * largest + SLACK_BYTES;
+  const statPath = await deviceStatPath(files[0]!);
 
   interface Scenario {
     cache: 'warm' | 'cold';
     catRuns: number[];
     merges: ChildResult[];
+    /** Cold only: average read request on the device, bytes, of the fastest cat and merge. */
+    requests: { cat?: number; merge?: number };
   }
   const scenarios: Scenario[] = [];
   const modes: ('warm' | 'cold')[] = cacheMode === 'both' ? ['warm', 'cold'] : [cacheMode];
   let coldSkipped = false;
   for (const cache of modes) {
-    const scenario: Scenario = { cache, catRuns: [], merges: [] };
+    const scenario: Scenario = { cache, catRuns: [], merges: [], requests: {} };
     if (cache === 'warm') {
       log('  page cache warm: warming it with two cat runs');
       await timeCat(files);
@@ -597,17 +631,30 @@ export async function run(args: string[]): Promise<void> {
       if (cache === 'cold') await dropFromCache(files);
       if (settleFirst) await sleep(settle);
     };
+    // Cold: the device's read requests during each timed step, and its average request size.
+    const counted = async <T>(step: () => Promise<T>): Promise<{ value: T; request: number | undefined }> => {
+      const before = cache === 'cold' ? await diskReads(statPath) : undefined;
+      const value = await step();
+      return { value, request: averageRequest(before, cache === 'cold' ? await diskReads(statPath) : undefined) };
+    };
+    const catRequests: (number | undefined)[] = [];
     for (let r = 0; r < 2; r++) {
       await prepare(cache === 'cold');
-      scenario.catRuns.push(await timeCat(files));
+      const { value, request } = await counted(() => timeCat(files));
+      scenario.catRuns.push(value);
+      catRequests.push(request);
     }
+    scenario.requests.cat = catRequests[scenario.catRuns.indexOf(Math.min(...scenario.catRuns))];
+    const mergeRequests: (number | undefined)[] = [];
     for (let r = 0; r < repeats; r++) {
       await rm(outDir, { recursive: true, force: true });
       await prepare(true);
-      const res = await spawnMerge(lib, configPath, outDir, jobs);
+      const { value: res, request } = await counted(() => spawnMerge(lib, configPath, outDir, jobs));
       scenario.merges.push(res);
+      mergeRequests.push(request);
       log(`  ${cache} merge ${r + 1}/${repeats}: ${res.seconds.toFixed(2)} s (${res.jobs} jobs, CPU ${(res.userSeconds + res.systemSeconds).toFixed(1)} s), peak RSS ${fmtBytes(res.peakRss)}; cat ${scenario.catRuns.map((c) => c.toFixed(2)).join(', ')} s`);
     }
+    scenario.requests.merge = mergeRequests[scenario.merges.indexOf(scenario.merges.reduce((a, b) => (b.seconds < a.seconds ? b : a)))];
     scenarios.push(scenario);
   }
   if (scenarios.length === 0) throw new Error('nothing was measured: the cold page cache is not available here; use --cache warm');
@@ -664,6 +711,7 @@ export async function run(args: string[]): Promise<void> {
             floor: { seconds: r.floor, catSeconds: r.cat, catRuns: r.catRuns, writeSeconds: write, writeBytes: outBytes },
             ratio: r.ratio,
             pass: r.speedOk,
+            ...(r.cache === 'cold' ? { averageReadRequestBytes: r.requests } : {}),
           })),
           memory: { peakRss, bound: rssBound, largestTensorF32: largest, inputs: MODELS.length, slack: SLACK_BYTES, executorBudget: results[0]!.best.memoryBudget, peakInFlightBytes: Math.max(...allMerges.map((m) => m.peakInFlightBytes)) },
           pass: { speed: Object.fromEntries(results.map((r) => [r.cache, r.speedOk])), memory: memOk },
@@ -689,6 +737,8 @@ export async function run(args: string[]): Promise<void> {
     console.log(`  merge (runMerge in a child process, ${r.best.jobs} jobs, ${libFrom})   ${r.best.seconds.toFixed(3)} s${repeats > 1 ? ` (best of ${repeats}: ${r.merges.map((m) => m.seconds.toFixed(2)).join(', ')})` : ''}; CPU ${r.cpu.toFixed(1)} s (${(r.cpu / r.best.seconds).toFixed(2)} cores busy)`);
     console.log(`  I/O floor                                  ${r.floor.toFixed(3)} s = cat inputs > /dev/null ${r.cat.toFixed(3)} s + write and fsync ${write.toFixed(3)} s`);
     console.log(`  ratio merge / floor                        ${r.ratio.toFixed(2)}  (bar <= 1.5: ${r.speedOk ? 'PASS' : 'FAIL'})`);
+    const req = (b: number | undefined) => (b === undefined ? 'n/a' : `${(b / (1 << 20)).toFixed(2)} MiB`);
+    if (r.cache === 'cold' && statPath) console.log(`  average read request on the disk           cat ${req(r.requests.cat)}, merge ${req(r.requests.merge)} (the runs above)`);
   }
   if (coldSkipped) console.log('page cache cold: not measured (cannot drop files from the page cache here)');
   console.log(`peak RSS of the merge process              ${fmtBytes(peakRss)}`);
