@@ -8,7 +8,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parse as parseYaml } from 'yaml';
@@ -291,6 +291,27 @@ test('an existing output is refused unless overwrite; a failure mid-merge leaves
     /interrupted/,
   );
   assert.deepEqual(await readdir(join(dir, 'failing')), []);
+});
+
+test('an output folder that is, holds or links to an input is refused, even with overwrite', async () => {
+  const yaml = (m: string) => `merge_method: linear\nmodels:\n  - {model: ${m}, parameters: {weight: 1}}\n  - {model: f2, parameters: {weight: 1}}\n`;
+  // The output folder holds an input model.
+  await mkdir(join(dir, 'holder'), { recursive: true });
+  await cp(join(dir, 'f1'), join(dir, 'holder', 'm1'), { recursive: true });
+  await writeFile(join(dir, 'holder', 'notes.txt'), 'keep\n');
+  for (const dryRun of [false, true]) {
+    await assert.rejects(merge(yaml('holder/m1'), 'holder', { overwrite: true, dryRun }), /output folder holds the input .*holder\/m1.*writing it would delete/);
+  }
+  assert.deepEqual((await readdir(join(dir, 'holder'))).sort(), ['m1', 'notes.txt']);
+  assert.ok(existsSync(join(dir, 'holder', 'm1', 'model.safetensors')));
+  // The input reached through a symbolic link, the output named by the real folder.
+  await cp(join(dir, 'f1'), join(dir, 'real1'), { recursive: true });
+  await symlink(join(dir, 'real1'), join(dir, 'link1'));
+  await assert.rejects(merge(yaml('link1'), 'real1', { overwrite: true }), /output folder is the input/);
+  assert.ok(existsSync(join(dir, 'real1', 'model.safetensors')));
+  // A sibling whose name starts the same is not held by the output.
+  const ok = await merge(yaml('holder/m1'), 'hold', { overwrite: true });
+  assert.ok(existsSync(join(ok.outDir, 'model.safetensors')));
 });
 
 test('--dry-run prints the plan and writes nothing', () => {

@@ -366,7 +366,7 @@ export async function convertToHf(input: string, outDir: string, opts: ConvertOp
         await writeFile(dir.file(names.generationConfig), json({ bos_token_id: plan.config.bos_token_id, eos_token_id: plan.config.eos_token_id }));
         return dir.target;
       },
-      { overwrite: opts.overwrite },
+      { overwrite: opts.overwrite, inputs: [input] },
     );
     return {
       input,

@@ -287,7 +287,7 @@ async function writeDamFolder(a: WriteFolderArgs): Promise<DamBakeResult> {
       }
       return stage.target;
     },
-    { overwrite: opts.overwrite },
+    { overwrite: opts.overwrite, inputs: [...(a.folders ?? []), ...(a.configFrom ? [a.configFrom] : [])] },
   );
   return { outDir, files: [...weightFiles, ...other], weightFiles, tensors: a.tensors.length, bytesWritten, elapsedMs: Date.now() - started };
 }

@@ -2,14 +2,46 @@
  * Output folders that appear under their final name only when complete: everything is written
  * into a hidden staging folder beside the target, which `commit()` renames into place.
  */
-import { mkdir, rename, rm, stat, readdir } from 'node:fs/promises';
-import { basename, dirname, join, resolve } from 'node:path';
+import { mkdir, realpath, rename, rm, stat, readdir } from 'node:fs/promises';
+import { basename, dirname, join, relative, resolve, isAbsolute } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { AmalgamError } from '../errors.js';
 
 export interface StagingDirOptions {
   /** Replace an existing target folder (default: refuse unless it is empty). */
   overwrite?: boolean;
+  /**
+   * Files and folders the job reads. The target may not be one of them or hold one: replacing
+   * it would delete an input (checked through symbolic links).
+   */
+  inputs?: readonly string[];
+}
+
+/** The real path of `p` (links resolved), or its absolute path where it does not exist. */
+async function realOrResolved(p: string): Promise<string> {
+  try {
+    return await realpath(p);
+  } catch {
+    return resolve(p);
+  }
+}
+
+/**
+ * Refuses an output folder that is one of the inputs or holds one (after resolving symbolic
+ * links), since writing it would replace or delete that input.
+ */
+export async function refuseReplacingInputs(target: string, inputs: readonly string[]): Promise<void> {
+  const out = await realOrResolved(target);
+  for (const input of inputs) {
+    const real = await realOrResolved(input);
+    const rel = relative(out, real);
+    if (rel === '' || (!rel.startsWith('..') && !isAbsolute(rel))) {
+      throw new AmalgamError('E_USAGE', rel === '' ? `the output folder is the input ${input}` : `the output folder holds the input ${input}: writing it would delete that input`, {
+        file: resolve(target),
+        hint: 'write the output to a folder that holds none of the inputs',
+      });
+    }
+  }
 }
 
 export class StagingDir {
@@ -18,17 +50,19 @@ export class StagingDir {
     readonly target: string,
     readonly path: string,
     private readonly overwrite: boolean,
+    private readonly inputs: readonly string[],
   ) {}
 
   /** Create the staging folder. Fails early if the target exists and may not be replaced. */
   static async create(target: string, opts: StagingDirOptions = {}): Promise<StagingDir> {
     const abs = resolve(target);
+    await refuseReplacingInputs(abs, opts.inputs ?? []);
     await checkTarget(abs, !!opts.overwrite);
     const parent = dirname(abs);
     await mkdir(parent, { recursive: true });
     const path = join(parent, `.${basename(abs)}.partial-${process.pid}-${randomBytes(4).toString('hex')}`);
     await mkdir(path);
-    return new StagingDir(abs, path, !!opts.overwrite);
+    return new StagingDir(abs, path, !!opts.overwrite, opts.inputs ?? []);
   }
 
   /** Path of a file inside the staging folder. */
@@ -39,6 +73,7 @@ export class StagingDir {
   /** Move the finished folder to its final name. */
   async commit(): Promise<string> {
     if (this.done) throw new AmalgamError('E_USAGE', 'staging folder already committed or aborted', { file: this.target });
+    await refuseReplacingInputs(this.target, this.inputs);
     await checkTarget(this.target, this.overwrite);
     let backup: string | undefined;
     if (await exists(this.target)) {

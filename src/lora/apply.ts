@@ -337,7 +337,7 @@ export async function bakeAdapter(baseDir: string, adapterDir: string, outDir: s
         }
         for (const f of copied) await copyFile(join(absBase, f), stage.file(f));
       },
-      { overwrite: opts.overwrite },
+      { overwrite: opts.overwrite, inputs: [absBase, adapterDir] },
     );
     return { outDir: resolve(outDir), weightFiles, copiedFiles: copied, tensors: infos.length, loraModules: lora, replaced, elapsedMs: Date.now() - started };
   } finally {

@@ -103,7 +103,7 @@ export async function writeLoraAdapter(
       await writeSafetensorsFile(stage.file(ADAPTER_WEIGHTS_FILE), tensors, { format: 'pt', ...(opts.metadata ?? {}) });
       return stage.target;
     },
-    { overwrite: opts.overwrite },
+    { overwrite: opts.overwrite, inputs: opts.inputs ?? [] },
   );
   return { dir: out, config, tensorNames: tensors.map((t) => t.name) };
 }
@@ -315,6 +315,7 @@ export async function combineAdapters(inputs: readonly CombineInput[], outDir: s
         unitScaling: true,
         dtype: opts.dtype,
         overwrite: opts.overwrite,
+        inputs: inputs.map((x) => x.dir),
         metadata: { amalgam_combine: opts.method === 'svd' ? `svd/${mergeMethod}` : opts.method },
       },
     );

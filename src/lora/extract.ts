@@ -194,7 +194,7 @@ export async function extractLora(baseDir: string, ftDir: string, outDir: string
       modules,
       full,
       { r: rank, alpha: rank, baseModel: absBase, taskType: 'CAUSAL_LM' },
-      { unitScaling: true, dtype: opts.dtype, overwrite: opts.overwrite, metadata: { amalgam_extract: `rank ${rank}` } },
+      { unitScaling: true, dtype: opts.dtype, overwrite: opts.overwrite, inputs: [absBase, absFt], metadata: { amalgam_extract: `rank ${rank}` } },
     );
     return { dir: written.dir, rank, tensors: report, loraModules: modules.length, fullTensors: full.length, config: written.config, warnings };
   } finally {

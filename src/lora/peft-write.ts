@@ -60,6 +60,8 @@ export interface WritePeftAdapterOptions {
   overwrite?: boolean;
   /** String metadata added to the safetensors header (besides format: pt). */
   metadata?: Record<string, string>;
+  /** Folders and files the adapter was made from: the output may not be or hold one of them. */
+  inputs?: readonly string[];
 }
 
 export interface WrittenPeftAdapter {
@@ -156,7 +158,7 @@ export async function writePeftAdapter(
       await writeSafetensorsFile(stage.file(ADAPTER_WEIGHTS_FILE), tensors, { format: 'pt', ...(opts.metadata ?? {}) });
       return stage.target;
     },
-    { overwrite: opts.overwrite },
+    { overwrite: opts.overwrite, inputs: opts.inputs ?? [] },
   );
   return { dir: out, config, tensorNames: tensors.map((t) => t.name) };
 }

@@ -497,6 +497,11 @@ function checkInputs(plan: MergePlan, sources: Map<string, TensorSource>): void 
   }
 }
 
+/** The folders a merge reads: every model and every adapter applied to one. */
+export function planInputs(plan: MergePlan): string[] {
+  return plan.models.flatMap((m) => (m.adapter !== undefined ? [m.path, m.adapter] : [m.path]));
+}
+
 /**
  * Carries out a plan into `outDir`: weights (sharded safetensors plus index), config.json, the
  * model card, the configuration and the donor's tokenizer files. The folder appears under its
@@ -700,7 +705,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
         });
         if (signal?.aborted) throw abortError(outDir);
       },
-      { overwrite: opts.overwrite },
+      { overwrite: opts.overwrite, inputs: planInputs(plan) },
     );
   } finally {
     bar?.stop();

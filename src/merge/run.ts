@@ -8,7 +8,8 @@ import { AmalgamError } from '../errors.js';
 import { loadMergeConfig } from '../config/parse.js';
 import type { ConfigWarning, MergeConfig } from '../config/types.js';
 import { byteSize, numel } from '../tensor/dtype.js';
-import { executeMerge, type ExecuteOptions, type ExecuteResult } from './execute.js';
+import { refuseReplacingInputs } from '../io/atomic-dir.js';
+import { executeMerge, planInputs, type ExecuteOptions, type ExecuteResult } from './execute.js';
 import { planMerge, type MergePlan, type PlannedTensor, type PlanOptions } from './plan.js';
 
 export interface RunMergeOptions extends Omit<PlanOptions, 'onWarning'>, ExecuteOptions {
@@ -49,11 +50,7 @@ export async function runMerge(config: string | MergeConfig, outDir: string, opt
   const target = resolve(outDir);
   if (!opts.dryRun && !opts.overwrite) await refuseNonEmpty(target);
   const plan = await planMerge(parsed, { ...opts, ...(configYaml !== undefined ? { configYaml } : {}), onWarning: warn });
-  for (const m of plan.models) {
-    if (resolve(m.path) === target) {
-      throw new AmalgamError('E_USAGE', `the output folder is the input model ${m.id}`, { file: target, hint: 'write the merge to another folder' });
-    }
-  }
+  await refuseReplacingInputs(target, [...planInputs(plan), ...(typeof config === 'string' ? [config] : [])]);
   if (opts.dryRun) return { plan, dryRun: true, outDir: target, warnings };
   await removeStaleStaging(target);
   const execution = await executeMerge(plan, target, { ...opts, onWarning: warn });

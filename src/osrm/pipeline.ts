@@ -589,7 +589,7 @@ export async function runOsrmInit(modelPath: string, tasks: readonly OsrmInitTas
             },
           },
         },
-        { overwrite: opts.overwrite },
+        { overwrite: opts.overwrite, inputs: [modelPath] },
       );
       outputs.push({ task: init.task, dir: w.dir, check: checkInit(inits, stats, opts.center ?? false, ti) });
     }

@@ -168,7 +168,7 @@ export async function saveModelFolder(model: LlamaModel, srcDir: string, outDir:
       }
       return stage.target;
     },
-    { overwrite: opts.overwrite },
+    { overwrite: opts.overwrite, inputs: [srcDir] },
   );
 }
 
