@@ -8,7 +8,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { cp, mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { chmod, cp, mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parse as parseYaml } from 'yaml';
@@ -312,6 +312,16 @@ test('an output folder that is, holds or links to an input is refused, even with
   // A sibling whose name starts the same is not held by the output.
   const ok = await merge(yaml('holder/m1'), 'hold', { overwrite: true });
   assert.ok(existsSync(join(ok.outDir, 'model.safetensors')));
+});
+
+test('tokenizer files copied from a read-only model folder are writable in the output', async () => {
+  await cp(join(dir, 'base'), join(dir, 'ro-base'), { recursive: true });
+  await chmod(join(dir, 'ro-base', 'tokenizer_config.json'), 0o444);
+  const yaml = 'merge_method: linear\nmodels:\n  - {model: ro-base, parameters: {weight: 1}}\n  - {model: a, parameters: {weight: 1}}\n';
+  const r = await merge(yaml, 'ro-out');
+  const mode = (await stat(join(r.outDir, 'tokenizer_config.json'))).mode;
+  assert.equal(mode & 0o200, 0o200, `mode ${(mode & 0o777).toString(8)}`);
+  assert.equal(await readFile(join(r.outDir, 'tokenizer_config.json'), 'utf8'), await readFile(join(dir, 'ro-base', 'tokenizer_config.json'), 'utf8'));
 });
 
 test('--dry-run prints the plan and writes nothing', () => {

@@ -10,11 +10,11 @@
  * `bakeFromMergers` re-bakes from `mergers.safetensors` and the source folders alone, streaming
  * one tensor at a time; it writes the same weight bytes as baking the trained model.
  */
-import { copyFile, stat, writeFile } from 'node:fs/promises';
+import { stat, writeFile } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { stringify as stringifyYaml } from 'yaml';
 import { AmalgamError } from '../errors.js';
-import { withStagingDir } from '../io/atomic-dir.js';
+import { copyFileWritable, withStagingDir } from '../io/atomic-dir.js';
 import { getConfigDtype, HF_EXTRA_FILES, readHfConfig, setConfigDtype } from '../io/hf.js';
 import { openSafetensors, ShardedSafetensorsWriter, writeSafetensorsFile, type TensorData } from '../io/safetensors.js';
 import { ioError, type TensorSource } from '../io/source.js';
@@ -278,7 +278,7 @@ async function writeDamFolder(a: WriteFolderArgs): Promise<DamBakeResult> {
           const src = join(a.configFrom, f);
           if (!(await isFile(src))) continue;
           try {
-            await copyFile(src, stage.file(f));
+            await copyFileWritable(src, stage.file(f));
           } catch (e) {
             throw ioError(src, e);
           }

@@ -2,7 +2,7 @@
  * Output folders that appear under their final name only when complete: everything is written
  * into a hidden staging folder beside the target, which `commit()` renames into place.
  */
-import { mkdir, realpath, rename, rm, stat, readdir } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, realpath, rename, rm, stat, readdir } from 'node:fs/promises';
 import { basename, dirname, join, relative, resolve, isAbsolute } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { AmalgamError } from '../errors.js';
@@ -116,6 +116,16 @@ async function checkTarget(target: string, overwrite: boolean): Promise<void> {
   if (!overwrite && (await readdir(target)).length > 0) {
     throw new AmalgamError('E_IO', 'output folder exists and is not empty', { file: target, hint: 'choose another output path or pass --overwrite' });
   }
+}
+
+/**
+ * Copies a file into an output folder, writable by its owner even where the source is read-only
+ * (files copied from a read-only model folder stay editable, as the files written fresh are).
+ */
+export async function copyFileWritable(src: string, dst: string): Promise<void> {
+  await copyFile(src, dst);
+  const mode = (await stat(dst)).mode & 0o777;
+  if (!(mode & 0o200)) await chmod(dst, mode | 0o200);
 }
 
 /** Run `fn` with a staging folder; commit on success, remove everything on failure. */

@@ -13,10 +13,10 @@
  * rounded once to float32, then to the base tensor's stored dtype. Reading an adapted tensor
  * therefore gives exactly the values a baked model stores.
  */
-import { copyFile, readdir } from 'node:fs/promises';
+import { readdir } from 'node:fs/promises';
 import { isAbsolute, join, resolve } from 'node:path';
 import { AmalgamError } from '../errors.js';
-import { withStagingDir } from '../io/atomic-dir.js';
+import { copyFileWritable, withStagingDir } from '../io/atomic-dir.js';
 import { CONFIG_FILE, HF_EXTRA_FILES, readJsonObject } from '../io/hf.js';
 import { readPeftAdapter, type LoraModule, type PeftAdapter, type SavedModuleTensor } from '../io/peft.js';
 import { INDEX_FILE, openSafetensors, ShardedSafetensorsWriter, type RawIntoSource, type TensorLocation } from '../io/safetensors.js';
@@ -335,7 +335,7 @@ export async function bakeAdapter(baseDir: string, adapterDir: string, outDir: s
           await writer.abort();
           throw e;
         }
-        for (const f of copied) await copyFile(join(absBase, f), stage.file(f));
+        for (const f of copied) await copyFileWritable(join(absBase, f), stage.file(f));
       },
       { overwrite: opts.overwrite, inputs: [absBase, adapterDir] },
     );

@@ -4,7 +4,8 @@
  * the tokenizer files: copied from the donor model, or written from the plan (a built tokenizer,
  * a chat template).
  */
-import { copyFile, writeFile } from 'node:fs/promises';
+import { writeFile } from 'node:fs/promises';
+import { copyFileWritable } from '../io/atomic-dir.js';
 import { createRequire } from 'node:module';
 import { basename, join } from 'node:path';
 import { stringify as stringifyYaml } from 'yaml';
@@ -116,7 +117,7 @@ export async function writeOutputFiles(
       if (Object.prototype.hasOwnProperty.call(generated, f)) continue;
       const src = join(donor.path, f);
       try {
-        await copyFile(src, join(dir, f));
+        await copyFileWritable(src, join(dir, f));
       } catch (e) {
         throw ioError(src, e);
       }

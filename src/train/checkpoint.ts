@@ -3,10 +3,10 @@
  * adapter and a classification head), and writing the results: a full Hugging Face checkpoint
  * (config.json, model.safetensors, the tokenizer files) or a PEFT adapter folder.
  */
-import { copyFile, stat, writeFile } from 'node:fs/promises';
+import { stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { AmalgamError } from '../errors.js';
-import { withStagingDir } from '../io/atomic-dir.js';
+import { copyFileWritable, withStagingDir } from '../io/atomic-dir.js';
 import { HF_EXTRA_FILES, readJsonObject, setConfigDtype } from '../io/hf.js';
 import { readPeftAdapter } from '../io/peft.js';
 import { openSafetensors, ShardedSafetensorsWriter } from '../io/safetensors.js';
@@ -164,7 +164,7 @@ export async function saveModelFolder(model: LlamaModel, srcDir: string, outDir:
       }
       await writeFile(stage.file('config.json'), JSON.stringify(config, null, 2) + '\n');
       for (const f of HF_EXTRA_FILES) {
-        if (await isFile(join(srcDir, f))) await copyFile(join(srcDir, f), stage.file(f));
+        if (await isFile(join(srcDir, f))) await copyFileWritable(join(srcDir, f), stage.file(f));
       }
       return stage.target;
     },
