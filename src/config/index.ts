@@ -3,6 +3,7 @@ export * from './types.js';
 export { ConfigError, isConfigError, formatPath } from './issues.js';
 export type { ConfigIssue, PathSegment } from './issues.js';
 export { parseMergeConfig, validateMergeConfig, loadMergeConfig } from './parse.js';
+export { assertKnownParameters } from './validate.js';
 export type { ParseConfigOptions } from './parse.js';
 export {
   parseModelReference,

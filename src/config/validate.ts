@@ -3,6 +3,7 @@
  * exclusivity rules, slice lengths, parameter names and parameter value types. Checks that need
  * the models themselves (layer counts, shapes, input counts) belong to planning.
  */
+import { AmalgamError } from '../errors.js';
 import type { ConfigIssue, PathSegment } from './issues.js';
 import { isKnownMergeMethod, mergeMethodNames, methodParameters, REMOVED_METHODS } from './methods.js';
 import type { ParameterSpec } from './methods.js';
@@ -77,6 +78,29 @@ const NOT_READ: Record<string, Record<string, string>> = {
   slerp: { weight: 'slerp interpolates with the global `t`' },
 };
 
+/** Why `name` is not a parameter of `method`, with a suggestion; undefined when it is one. */
+function unknownParameterHint(method: string, name: string): string | undefined {
+  const specs = methodParameters(method);
+  if (!specs || specs.some((s) => s.name === name)) return undefined;
+  const names = specs.map((s) => s.name);
+  const close = closestMatches(name, names, 1);
+  return close.length
+    ? `did you mean \`${close[0]}\`?`
+    : NOT_READ[method]?.[name] ?? (names.length ? `\`${method}\` reads: ${names.join(', ')}` : `\`${method}\` takes no parameters`);
+}
+
+/**
+ * Throws for the first name that is not a parameter of merge method `method` (outside YAML
+ * configurations: command-line options, recipes), naming it as `where(name)` says, with the same
+ * suggestion a configuration gets.
+ */
+export function assertKnownParameters(method: string, names: Iterable<string>, where: (name: string) => string): void {
+  for (const name of names) {
+    const hint = unknownParameterHint(method, name);
+    if (hint !== undefined) throw new AmalgamError('E_CONFIG', `${where(name)}: unknown parameter \`${name}\` for merge method \`${method}\``, { hint });
+  }
+}
+
 function checkParameters(
   method: string,
   map: ParameterMap | undefined,
@@ -87,19 +111,11 @@ function checkParameters(
   if (!map) return;
   const specs = methodParameters(method);
   if (!specs) return;
-  const names = specs.map((s) => s.name);
   for (const [name, setting] of Object.entries(map)) {
     const p = [...path, name];
     const spec = specs.find((s) => s.name === name);
     if (!spec) {
-      const close = closestMatches(name, names, 1);
-      const hint = close.length
-        ? `did you mean \`${close[0]}\`?`
-        : NOT_READ[method]?.[name] ??
-          (names.length
-          ? `\`${method}\` reads: ${names.join(', ')}`
-          : `\`${method}\` takes no parameters`);
-      out.push({ path: p, message: `unknown parameter \`${name}\` for merge_method \`${method}\``, hint });
+      out.push({ path: p, message: `unknown parameter \`${name}\` for merge_method \`${method}\``, hint: unknownParameterHint(method, name)! });
       continue;
     }
     if (perModelOnly && spec.kind === 'global') {
