@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync, existsSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { REPO_ROOT, fixture, haveFixtures } from './helpers/fixtures.js';
@@ -50,6 +50,27 @@ test('inspect --json reports architecture, tensors and parameter counts', async 
     assert.equal(rep.tensors.length, 1 + 2 * 9 + 1);
     assert.equal(rep.tensors[1].name, 'model.layers.0.input_layernorm.weight');
     assert.ok(rep.notes.some((n: string) => n.includes('lm_head.weight')), 'tied lm_head is reported');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a reader that closes the pipe early stops the command quietly', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'amalgam-cli-'));
+  try {
+    // Forty layers make a dry-run plan far larger than a pipe holds.
+    for (const [name, seed] of [['a', 1], ['b', 2]] as const) {
+      await writeSyntheticLlama(join(dir, name), { numLayers: 40, hiddenSize: 16, intermediateSize: 24, numHeads: 2, numKvHeads: 1, vocabSize: 32, dtype: 'F32', seed });
+    }
+    writeFileSync(join(dir, 'c.yml'), `merge_method: linear\nmodels:\n  - {model: ${join(dir, 'a')}, parameters: {weight: 1}}\n  - {model: ${join(dir, 'b')}, parameters: {weight: 1}}\n`);
+    const cli = join(REPO_ROOT, 'src/cli/main.ts');
+    const r = spawnSync('bash', ['-c', `"${process.execPath}" --import tsx "${cli}" merge "${join(dir, 'c.yml')}" "${join(dir, 'out')}" --dry-run --json | head -c 10; echo " status \${PIPESTATUS[0]}"`], {
+      cwd: REPO_ROOT,
+      encoding: 'utf8',
+      env: { ...process.env, NODE_OPTIONS: '' },
+    });
+    assert.match(r.stdout, /^\{\n {2}"form.* status 0\n$/s);
+    assert.doesNotMatch(r.stderr, /EPIPE|Error/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
