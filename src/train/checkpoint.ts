@@ -11,6 +11,7 @@ import { HF_EXTRA_FILES, readJsonObject, setConfigDtype } from '../io/hf.js';
 import { readPeftAdapter } from '../io/peft.js';
 import { openSafetensors, ShardedSafetensorsWriter } from '../io/safetensors.js';
 import type { FloatDType } from '../tensor/dtype.js';
+import { addLoraDelta } from '../lora/apply.js';
 import { writePeftAdapter, type FullTensor, type LoraFactors } from '../lora/peft-write.js';
 import { SCORE_WEIGHT, SequenceClassificationHead } from '../nn/heads.js';
 import { attachLora, loraModules } from '../nn/lora.js';
@@ -76,8 +77,10 @@ export async function loadModel(dir: string, opts: LoadModelOptions = {}): Promi
 
 /**
  * Attach the LoRA modules of a PEFT adapter folder to the model (with their own rank, α and
- * scaling) and copy in full tensors it saves. Returns the classification head when the adapter
- * saves `score.weight`.
+ * scaling) and copy in full tensors it saves. Embedding LoRA modules (and linear ones stored
+ * fan_in_fan_out) have no runtime module here: their update s·(B·A)ᵀ is added into the weight,
+ * exactly as `lora merge` bakes it. Returns the classification head when the adapter saves
+ * `score.weight`. For inference: the attached factors are frozen.
  */
 export async function applyAdapter(model: LlamaModel, dir: string): Promise<SequenceClassificationHead | null> {
   const ad = await readPeftAdapter(dir);
@@ -85,7 +88,13 @@ export async function applyAdapter(model: LlamaModel, dir: string): Promise<Sequ
     const named = model.namedParameters();
     for (const m of ad.modules) {
       if (m.kind !== 'linear' || m.fanInFanOut) {
-        throw new AmalgamError('E_UNSUPPORTED', `${m.kind === 'linear' ? 'fan_in_fan_out' : 'embedding'} LoRA modules cannot be applied to a Llama model`, { file: ad.weightsPath, key: m.aName });
+        const p = named.get(`${m.path}.weight`);
+        if (!p) throw new AmalgamError('E_MISSING', `the adapter has a LoRA module for '${m.path}', which the model does not have`, { file: ad.weightsPath, key: m.aName });
+        if (p.data.length !== m.inFeatures * m.outFeatures) {
+          throw new AmalgamError('E_SHAPE', `adapter module is ${m.outFeatures}×${m.inFeatures} but the model's weight has shape [${p.shape.join(', ')}]`, { file: ad.weightsPath, key: m.path });
+        }
+        addLoraDelta(p.data, m, await ad.source.readF32(m.aName), await ad.source.readF32(m.bName), m.scaling);
+        continue;
       }
       const [mod] = attachLora(model, { targets: [m.path], rank: m.rank, alpha: m.alpha, rslora: ad.config.use_rslora, freezeBase: false });
       if (!mod || mod.inFeatures !== m.inFeatures || mod.outFeatures !== m.outFeatures) {
