@@ -324,6 +324,41 @@ test('tokenizer files copied from a read-only model folder are writable in the o
   assert.equal(await readFile(join(r.outDir, 'tokenizer_config.json'), 'utf8'), await readFile(join(dir, 'ro-base', 'tokenizer_config.json'), 'utf8'));
 });
 
+test('stacking layers whose shapes differ from the output config fails before reading, unless allow-crimes', async () => {
+  // Same width, other key/value head count: k_proj and v_proj are [32, 32] here, [16, 32] in base.
+  await writeSyntheticLlama(join(dir, 'kv4'), { ...SMALL, numKvHeads: 4, seed: 8, dtype: 'BF16' });
+  const yaml =
+    'merge_method: passthrough\nslices:\n  - sources: [{model: base, layer_range: [0, 2]}]\n  - sources: [{model: kv4, layer_range: [2, 3]}]\n';
+  let reads = 0;
+  const counting = async (p: string): Promise<TensorSource> => {
+    const s = await openSafetensors(p);
+    return new Proxy(s, {
+      get(target, prop) {
+        const v = Reflect.get(target, prop, target) as unknown;
+        if (typeof v === 'function' && String(prop).startsWith('read')) {
+          return (...a: unknown[]) => {
+            reads++;
+            return (v as (...x: unknown[]) => unknown).apply(target, a);
+          };
+        }
+        return typeof v === 'function' ? v.bind(target) : v;
+      },
+    });
+  };
+  for (const dryRun of [true, false]) {
+    await assert.rejects(
+      merge(yaml, 'stacked', { dryRun, openSource: counting }),
+      /2 output tensors do not have the shape the output config.json \(from base\) implies, e.g. 'model.layers.2.self_attn.k_proj.weight' from kv4 is \[32, 32\], the config implies \[16, 32\]/,
+    );
+  }
+  assert.equal(reads, 0);
+  assert.ok(!existsSync(join(dir, 'stacked')));
+  const warnings: string[] = [];
+  const r = await merge(yaml, 'stacked', { allowCrimes: true, onWarning: (w) => warnings.push(w) });
+  assert.ok(warnings.some((w) => /do not have the shape the output config.json/.test(w)), warnings.join('\n'));
+  assert.ok(existsSync(join(r.outDir, 'model.safetensors')));
+});
+
 test('--dry-run prints the plan and writes nothing', () => {
   const cfg = join(dir, 'dry.yml');
   return writeFile(cfg, 'merge_method: ties\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 1, density: 0.5}}\n').then(async () => {

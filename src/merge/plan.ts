@@ -36,6 +36,8 @@ import {
   type EmbeddingRowRef,
 } from './embed.js';
 import { checkAdapterForModel } from '../lora/apply.js';
+import { parseLlamaConfig } from '../nn/config.js';
+import { llamaParameterShapes } from '../nn/params.js';
 import { getMergeMethod, prepareParams } from './registry.js';
 import type { MergeMethod, ResolvedParams } from './types.js';
 
@@ -698,6 +700,39 @@ export function configToYaml(config: MergeConfig): string {
 }
 
 /**
+ * For the Llama-family decoders the runtime knows (llama, mistral, qwen2), the output tensors
+ * must have the shapes the output config.json implies, or the merged model cannot be loaded: a
+ * passthrough stacking layers of models with other head counts or widths fails here, before any
+ * tensor is read. Other architectures are not checked. `allowCrimes` makes it a warning.
+ */
+function checkShapesAgainstConfig(tensors: readonly PlannedTensor[], outputConfig: HfConfig, donor: string, allowCrimes: boolean, warn: (m: string) => void): void {
+  let expected: Map<string, number[]>;
+  try {
+    expected = new Map(llamaParameterShapes(parseLlamaConfig(outputConfig)).map((p) => [p.name, p.shape]));
+  } catch {
+    return;
+  }
+  const wrong = tensors.filter((t) => {
+    const want = expected.get(t.name);
+    return want !== undefined && (want.length !== t.shape.length || want.some((v, i) => v !== t.shape[i]));
+  });
+  if (!wrong.length) return;
+  const first = wrong[0]!;
+  const from = [...new Set(first.inputs.map((i) => i.model))].join(', ');
+  const message =
+    `${wrong.length} output tensor${wrong.length === 1 ? '' : 's'} do${wrong.length === 1 ? 'es' : ''} not have the shape the output config.json (from ${donor}) implies, ` +
+    `e.g. '${first.name}' from ${from} is [${first.shape.join(', ')}], the config implies [${expected.get(first.name)!.join(', ')}]: the merged model could not be loaded`;
+  if (allowCrimes) {
+    warn(message);
+    return;
+  }
+  throw new AmalgamError('E_SHAPE', message, {
+    key: first.name,
+    hint: 'merge or stack models with the same hidden size, head counts and MLP width; --allow-crimes writes the model anyway',
+  });
+}
+
+/**
  * Plans a merge: opens every referenced model (headers only), checks architectures, layer ranges,
  * shapes and parameters, and lists every output tensor with its inputs and resolved parameters.
  * Every error is an AmalgamError naming the key or tensor and the fix, raised before any tensor
@@ -965,6 +1000,8 @@ async function buildPlan(
       );
     }
   }
+
+  checkShapesAgainstConfig(tensors, outputConfig, donor.ref.id, !!opts.allowCrimes, warn);
 
   const tokOut = await outputTokenizerFiles(tok, donor, opts.copyTokenizer ?? true, warn);
 
