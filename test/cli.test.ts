@@ -76,6 +76,32 @@ test('a reader that closes the pipe early stops the command quietly', async () =
   }
 });
 
+test('merge --json prints the merge report as JSON; a GGUF given as a model gets the convert hint', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'amalgam-cli-'));
+  try {
+    for (const [name, seed] of [['a', 1], ['b', 2]] as const) {
+      await writeSyntheticLlama(join(dir, name), { numLayers: 2, hiddenSize: 16, intermediateSize: 24, numHeads: 2, numKvHeads: 1, vocabSize: 32, dtype: 'F32', seed });
+    }
+    const cfg = join(dir, 'c.yml');
+    writeFileSync(cfg, `merge_method: linear\nmodels:\n  - {model: ${join(dir, 'a')}, parameters: {weight: 1}}\n  - {model: ${join(dir, 'b')}, parameters: {weight: 1}}\n`);
+    const r = amalgam('merge', cfg, join(dir, 'out'), '--json');
+    assert.equal(r.code, 0, r.stderr);
+    const rep = JSON.parse(r.stdout);
+    assert.equal(rep.outDir, join(dir, 'out'));
+    assert.equal(rep.method, 'linear');
+    assert.equal(rep.tensors, 2 * 9 + 3);
+    assert.equal(rep.execution.tensors, 2 * 9 + 3);
+    assert.ok(existsSync(join(dir, 'out', 'model.safetensors')));
+    writeFileSync(join(dir, 'm.gguf'), 'GGUF');
+    writeFileSync(cfg, `merge_method: linear\nmodels:\n  - {model: ${join(dir, 'm.gguf')}, parameters: {weight: 1}}\n  - {model: ${join(dir, 'b')}, parameters: {weight: 1}}\n`);
+    const g = amalgam('merge', cfg, join(dir, 'out2'));
+    assert.equal(g.code, 1);
+    assert.match(g.stderr, /expected a model folder, got a file.*amalgam convert .*m\.gguf <folder>/s);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('errors name the file and exit with status 1, without a stack trace', () => {
   const r = amalgam('inspect', join(REPO_ROOT, 'no-such-model'));
   assert.equal(r.code, 1);

@@ -193,7 +193,7 @@ test('input counts and the base model requirement are checked per method', async
   assert.match(e.message, /slices/);
 
   e = await refused('merge_method: model_stock\nbase_model: base\nmodels:\n  - {model: a}\n');
-  assert.match(e.message, /model_stock needs the base model plus at least two/);
+  assert.match(e.message, /model_stock needs the base model plus at least two other models with this tensor; it has the base and one other/);
 
   e = await refused(
     'merge_method: ties\nbase_model: base\nslices:\n  - sources:\n      - {model: a, layer_range: [0, 4], parameters: {weight: 1}}\n      - {model: b, layer_range: [0, 4], parameters: {weight: 1}}\n',

@@ -359,6 +359,15 @@ test('stacking layers whose shapes differ from the output config fails before re
   assert.ok(existsSync(join(r.outDir, 'model.safetensors')));
 });
 
+test('the model card of a randomized merge records its random seed', async () => {
+  const yaml = 'merge_method: dare_ties\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 1, density: 0.5}}\n  - {model: b, parameters: {weight: 1, density: 0.5}}\n';
+  const r = await merge(yaml, 'dare-card', { randomSeed: 7 });
+  const card = await readFile(join(r.outDir, 'README.md'), 'utf8');
+  assert.match(card, /drawn with random seed 7 \(`amalgam merge --random-seed 7` reproduces this model\)/);
+  const plain = await merge('merge_method: linear\nmodels:\n  - {model: f1, parameters: {weight: 1}}\n  - {model: f2, parameters: {weight: 1}}\n', 'linear-card', { randomSeed: 7 });
+  assert.doesNotMatch(await readFile(join(plain.outDir, 'README.md'), 'utf8'), /random seed/);
+});
+
 test('--dry-run prints the plan and writes nothing', () => {
   const cfg = join(dir, 'dry.yml');
   return writeFile(cfg, 'merge_method: ties\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 1, density: 0.5}}\n').then(async () => {

@@ -3,7 +3,7 @@ import { generateText } from '../train/generate-text.js';
 import { parseInteger, parseNumber } from '../train/options.js';
 
 interface GenerateCliOptions {
-  prompt: string;
+  prompt?: string;
   maxTokens: number;
   temperature: number;
   topK: number;
@@ -18,7 +18,7 @@ export function registerGenerate(program: Command): void {
     .command('generate')
     .description('Generate text from a model: BOS + prompt, then greedy decoding (temperature 0) or seeded sampling with temperature, top-k and top-p.')
     .argument('<model>', 'Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or a GGUF / llama2.c file (converted on the fly)')
-    .option('--prompt <text>', 'text to continue (default: none, start from BOS)', '')
+    .option('--prompt <text>', 'text to continue (default: none, start from BOS)')
     .option('--max-tokens <n>', 'tokens to generate at most', (v) => parseInteger(v, '--max-tokens', 0), 256)
     .option('--temperature <t>', 'sampling temperature; 0 is greedy', (v) => parseNumber(v, '--temperature', 0), 0)
     .option('--top-k <k>', 'sample from the k most likely tokens (0: all)', (v) => parseInteger(v, '--top-k', 0), 0)
@@ -29,7 +29,7 @@ export function registerGenerate(program: Command): void {
     .action(async (modelDir: string, o: GenerateCliOptions) => {
       let printed = 0;
       const r = await generateText(modelDir, {
-        prompt: o.prompt,
+        prompt: o.prompt ?? '',
         maxTokens: o.maxTokens,
         temperature: o.temperature,
         topK: o.topK,

@@ -60,7 +60,7 @@ export function registerMerge(program: Command): void {
     .option('--no-write-model-card', 'do not write README.md')
     .option('--random-seed <n>', 'seed of the random methods (dare_*, della*); default 0, so runs are reproducible', integer('--random-seed', 0))
     .option('--dry-run', 'check the configuration and print the plan; read no tensor data, write nothing')
-    .option('--json', 'with --dry-run: print the plan as JSON')
+    .option('--json', 'print the plan (with --dry-run) or the merge report as JSON on stdout')
     .option('-j, --jobs <n>', `worker threads for the arithmetic (default: ${availableParallelism()}, the number of cores; 1 for small merges)`, integer('--jobs', 1))
     .option('--overwrite', 'replace the output folder if it exists')
     .addOption(
@@ -117,7 +117,11 @@ export function registerMerge(program: Command): void {
         }
         return;
       }
-      if (opts.quiet) process.stdout.write(result.outDir + '\n');
+      if (opts.json) {
+        const { plan, execution, warnings } = result;
+        const report = { outDir: result.outDir, method: plan.method, randomSeed: plan.randomSeed, tensors: plan.tensors.length, parameters: plan.stats.parameters, execution, warnings };
+        process.stdout.write(JSON.stringify(report, null, 2) + '\n');
+      } else if (opts.quiet) process.stdout.write(result.outDir + '\n');
       else process.stdout.write(formatMergeReport(result) + '\n');
     } catch (e) {
       if (signalled) {

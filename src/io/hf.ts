@@ -78,7 +78,11 @@ async function requireFolder(dir: string): Promise<void> {
   if (!st.isDirectory()) {
     throw new AmalgamError('E_IO', 'expected a model folder, got a file', {
       file: dir,
-      hint: /\.(safetensors|json)$/.test(dir) ? 'pass the folder that contains this file' : 'a model is a folder with config.json and *.safetensors weights',
+      hint: /\.(safetensors|json)$/.test(dir)
+        ? 'pass the folder that contains this file'
+        : /\.(gguf|bin)$/.test(dir)
+          ? `a model is a folder with config.json and *.safetensors weights; a GGUF or llama2.c file converts to one with: amalgam convert ${dir} <folder>`
+          : 'a model is a folder with config.json and *.safetensors weights',
     });
   }
 }

@@ -67,6 +67,7 @@ export function modelCard(plan: MergePlan, opts: { name: string }): string {
     '### Merge Method',
     '',
     `This model was merged using the ${methodLink(plan)} merge method${baseText}.`,
+    ...(plan.randomized ? ['', `The method draws random masks; they were drawn with random seed ${plan.randomSeed} (\`amalgam merge --random-seed ${plan.randomSeed}\` reproduces this model).`] : []),
     '',
     '### Models Merged',
     '',

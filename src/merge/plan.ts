@@ -965,7 +965,7 @@ async function buildPlan(
     for (const t of tensors) {
       const others = t.inputs.filter((i) => i.model !== t.base).length;
       if (others === 1) {
-        throw new AmalgamError('E_CONFIG', `model_stock needs the base model plus at least two other models with this tensor, got ${t.inputs.length}`, {
+        throw new AmalgamError('E_CONFIG', 'model_stock needs the base model plus at least two other models with this tensor; it has the base and one other', {
           key: t.name,
           hint: 'add more models, or use another method for two models',
         });
