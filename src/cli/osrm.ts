@@ -1,7 +1,7 @@
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { AmalgamError } from '../errors.js';
-import { readOsrmRecipe } from '../osrm/recipe.js';
+import { assertDistinctSeeds, readOsrmRecipe } from '../osrm/recipe.js';
 import { runOsrmInit, runOsrmPipeline, type OsrmInitTask } from '../osrm/pipeline.js';
 import { formatOsrmMarkdown } from '../osrm/report.js';
 import { parseInteger, parseList, parseLoraSpec } from '../train/options.js';
@@ -15,7 +15,7 @@ interface InitCliOptions {
   shuffleSeed: number;
   pooling: string;
   center?: boolean;
-  divisor: string;
+  divisor?: string;
   seed: number;
   maxLength: number;
   truncationSide: string;
@@ -76,7 +76,7 @@ export function registerOsrm(program: Command): void {
     .option('--shuffle-seed <n>', 'seed of the shuffle that picks the samples', (v) => parseInteger(v, '--shuffle-seed', 0), 42)
     .option('--pooling <p>', 'real-tokens, or all-positions (every position up to --max-length, padding included, as the reference code)', 'real-tokens')
     .option('--center', 'covariance mode: centre each task\'s features first')
-    .option('--divisor <d>', 'mean mode: divide the sums by n or n-1 (the reference code)', 'n')
+    .option('--divisor <d>', 'mean mode: divide the sums by n (default) or n-1 (the reference code)')
     .option('--seed <n>', 'seed of the basis choice inside a degenerate subspace', (v) => parseInteger(v, '--seed', 0), 0)
     .option('--max-length <n>', 'tokens per sample, BOS included, where a --task does not set max_length', (v) => parseInteger(v, '--max-length', 2), 64)
     .option('--truncation-side <side>', 'right (keep the start) or left (keep BOS + the end), where a --task does not set truncation', 'right')
@@ -89,7 +89,13 @@ export function registerOsrm(program: Command): void {
     .action(async (model: string, o: InitCliOptions) => {
       const mode = oneOf(o.mode, ['covariance', 'mean'] as const, '--mode');
       const pooling = oneOf(o.pooling, ['real-tokens', 'all-positions'] as const, '--pooling');
-      const divisor = oneOf(o.divisor, ['n', 'n-1'] as const, '--divisor');
+      if (o.center && mode !== 'covariance') {
+        throw new AmalgamError('E_USAGE', `--center belongs to --mode covariance; --mode ${mode} does not read it`, { hint: 'drop --center, or use --mode covariance' });
+      }
+      if (o.divisor !== undefined && mode !== 'mean') {
+        throw new AmalgamError('E_USAGE', `--divisor belongs to --mode mean; --mode ${mode} does not read it`, { hint: 'drop --divisor, or use --mode mean' });
+      }
+      const divisor = o.divisor === undefined ? undefined : oneOf(o.divisor, ['n', 'n-1'] as const, '--divisor');
       const truncation = oneOf(o.truncationSide, ['left', 'right'] as const, '--truncation-side');
       const lora = parseLoraSpec(o.lora);
       if (lora.freeze !== undefined) throw new AmalgamError('E_USAGE', 'freeze is a training option; osrm init writes initial adapters only');
@@ -141,7 +147,11 @@ export function registerOsrm(program: Command): void {
       if (o.out !== undefined) recipe.output.dir = resolve(o.out);
       if (o.overwrite) recipe.output.overwrite = true;
       if (o.steps !== undefined) recipe.train.steps = o.steps;
-      if (o.seeds !== undefined) recipe.seeds = parseList(o.seeds).map((s) => parseInteger(s, '--seeds', 0));
+      if (o.seeds !== undefined) {
+        recipe.seeds = parseList(o.seeds).map((s) => parseInteger(s, '--seeds', 0));
+        if (recipe.seeds.length === 0) throw new AmalgamError('E_USAGE', `--seeds lists no seed, got "${o.seeds}"`, { hint: 'e.g. --seeds 0,1,2' });
+        assertDistinctSeeds(recipe.seeds, '--seeds', 'E_USAGE');
+      }
       const report = await runOsrmPipeline(recipe, {
         log: o.quiet || o.json ? undefined : (line) => process.stderr.write(line + '\n'),
         progress: o.progress === true && process.stderr.isTTY === true,

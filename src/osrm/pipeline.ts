@@ -7,10 +7,11 @@
  * best λ and the selectivity diagnostic ‖M_s h_t‖ / ‖M_s h_s‖ for A and ΔW.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, stat, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, readdir, stat, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
 import { AmalgamError } from '../errors.js';
 import { convertToHf } from '../convert/to-hf.js';
+import { refuseReplacingInputs } from '../io/atomic-dir.js';
 import { encodeExamples, permutation, type EncodedExample } from '../data/batching.js';
 import { readDataset, type ReadDatasetOptions } from '../data/datasets.js';
 import { loadTokenizer, type TextTokenizer } from '../data/tokenizer.js';
@@ -25,7 +26,7 @@ import { loadModel } from '../train/checkpoint.js';
 import { trainModel } from '../train/trainer.js';
 import { loraInitHook, orthonormalityError, orthonormalControlInit, osrmInit, othersSecondMoment, rayleighQuotients, type TaskInit } from './init.js';
 import { osrmInitParallel } from './parallel.js';
-import type { RecipeInit, RecipeMerge, ResolvedOsrmRecipe } from './recipe.js';
+import { assertDistinctSeeds, mergeGridParams, SAFE_NAME, SAFE_NAME_RULE, type RecipeInit, type RecipeMerge, type ResolvedOsrmRecipe } from './recipe.js';
 import { formatOsrmMarkdown, summarize, type OsrmReport, type RunRecord, type MergeRecord, type SelectivityRecord, type InitCheck } from './report.js';
 import { collectFeatureStats, featureGroups, featureSecondMoment, statsFloats, type FeatureGroup, type TaskFeatureStats } from './stats.js';
 
@@ -58,7 +59,13 @@ interface TrainedTask {
 
 const now = () => performance.now() / 1000;
 
-/** The recipe's model as a Hugging Face folder: a folder is used as is, a GGUF / llama2.c file is converted once into `<out>/base-model`. */
+/** The folder under the output folder that a GGUF / llama2.c model is converted into. */
+export const BASE_MODEL_DIR = 'base-model';
+
+/**
+ * The recipe's model as a Hugging Face folder, as an absolute path: a folder is used as is, a
+ * GGUF / llama2.c file is converted once into `<out>/base-model`.
+ */
 export async function resolveModelFolder(model: string, outDir: string): Promise<string> {
   let st;
   try {
@@ -66,8 +73,8 @@ export async function resolveModelFolder(model: string, outDir: string): Promise
   } catch (e) {
     throw new AmalgamError('E_IO', `cannot read the model: ${(e as Error).message}`, { file: model, cause: e });
   }
-  if (st.isDirectory()) return model;
-  const dir = join(outDir, 'base-model');
+  if (st.isDirectory()) return resolve(model);
+  const dir = resolve(outDir, BASE_MODEL_DIR);
   if (existsSync(join(dir, 'config.json'))) return dir;
   await mkdir(outDir, { recursive: true });
   await convertToHf(model, dir);
@@ -263,6 +270,13 @@ function relChange(a: Float32Array, b: Float32Array): number {
   return den > 0 ? Math.sqrt(num / den) : NaN;
 }
 
+/** What `amalgam_init` records of the statistics behind an OSRM initialisation (nothing for the others). */
+function initSettings(kind: RecipeInit['init'], o: ResolvedOsrmRecipe['osrm']): Record<string, unknown> {
+  if (kind === 'osrm-covariance') return { samples: o.samples, shuffle_seed: o.shuffle_seed, pooling: o.pooling, center: o.center };
+  if (kind === 'osrm-mean') return { samples: o.samples, shuffle_seed: o.shuffle_seed, pooling: o.pooling, divisor: o.divisor };
+  return {};
+}
+
 /** Merged ΔW per module for one method and λ; the base of the merge is zero. */
 export function mergeTaskVectors(
   merge: RecipeMerge,
@@ -271,22 +285,16 @@ export function mergeTaskVectors(
   seed: number,
 ): Map<string, Float32Array> {
   const method = getMergeMethod(merge.method);
-  const hasLambda = 'lambda' in method.globalParams;
-  const models = trained.map((t) => t.task);
-  const useBase = method.needsBase !== 'none';
+  const grid = mergeGridParams(merge.method, merge.parameters, lambda, trained.map((t) => t.task));
+  const base = grid.base;
   const out = new Map<string, Float32Array>();
   const rng = new Rng(seed);
   const modules = trained[0]!.modules;
   for (const [mi, mod] of modules.entries()) {
     const shape = [mod.B.length / mod.rank, mod.A.length / mod.rank];
     const inputs = trained.map((t) => ({ model: t.task, data: t.modules[mi]!.delta, shape }));
-    const allInputs = useBase ? [{ model: '__base__', data: new Float32Array(mod.delta.length), shape }, ...inputs] : inputs;
-    const perModel: Record<string, Record<string, unknown>> = {};
-    for (const m of models) perModel[m] = { weight: hasLambda ? 1 : lambda };
-    const global: Record<string, unknown> = { ...merge.parameters };
-    if (hasLambda) global['lambda'] = lambda;
-    const base = useBase ? '__base__' : null;
-    const params = prepareParams(method, { tensorName: mod.name, models: allInputs.map((i) => i.model), base }, { global, perModel });
+    const allInputs = base !== null ? [{ model: base, data: new Float32Array(mod.delta.length), shape }, ...inputs] : inputs;
+    const params = prepareParams(method, { tensorName: mod.name, models: grid.models, base }, grid.raw);
     const r = mergeTensor(method, { tensorName: mod.name, isEmbed: false, inputs: allInputs, base, params, rng });
     if (!r) throw new AmalgamError('E_USAGE', `${merge.method} left ${mod.name} out of the merge`);
     out.set(mod.name, r.data);
@@ -300,6 +308,7 @@ export async function runOsrmPipeline(recipe: ResolvedOsrmRecipe, opts: OsrmRunO
   const write = opts.write ?? true;
   const outDir = recipe.output.dir;
   const t0 = now();
+  assertDistinctSeeds(recipe.seeds, 'seeds');
   if (write && existsSync(join(outDir, 'results.json')) && !recipe.output.overwrite) {
     throw new AmalgamError('E_USAGE', 'the output folder already holds results', { file: outDir, hint: 'set output.overwrite: true or choose another output.dir' });
   }
@@ -391,7 +400,7 @@ export async function runOsrmPipeline(recipe: ResolvedOsrmRecipe, opts: OsrmRunO
                 taskType: 'SEQ_CLS',
                 baseModel: modelDir,
                 modulesToSave: ['score'],
-                extraConfig: { amalgam_init: { kind: variant.init, freeze: variant.freeze, seed, tasks: tasks.map((t) => t.name) } },
+                extraConfig: { amalgam_init: { kind: variant.init, freeze: variant.freeze, seed, ...initSettings(variant.init, recipe.osrm), tasks: tasks.map((t) => t.name) } },
               },
               { overwrite: recipe.output.overwrite },
             );
@@ -523,6 +532,39 @@ export interface OsrmInitOutput {
 }
 
 /**
+ * Checks, before any work, what `osrm init` will write: each task name is one safe path component
+ * used once, none is the converted base model's folder, and no `<out>/<task>` is an input or
+ * (without overwrite) an existing folder with files in it.
+ */
+async function checkInitOutputs(tasks: readonly OsrmInitTask[], outDir: string, overwrite: boolean, inputs: readonly string[]): Promise<void> {
+  const seen = new Set<string>();
+  for (const t of tasks) {
+    if (!SAFE_NAME.test(t.name)) {
+      throw new AmalgamError('E_USAGE', `task name "${t.name}" cannot name a folder: task names may hold ${SAFE_NAME_RULE}`, { hint: 'each task is written to <out>/<name>; rename the task' });
+    }
+    if (seen.has(t.name)) throw new AmalgamError('E_USAGE', `task name "${t.name}" is given twice`, { hint: 'each task is written to <out>/<name>; give every task its own name' });
+    seen.add(t.name);
+    if (t.name === BASE_MODEL_DIR) {
+      throw new AmalgamError('E_USAGE', `task name "${t.name}" is reserved: <out>/${BASE_MODEL_DIR} holds the base model converted from a GGUF / llama2.c file`, { hint: 'rename the task' });
+    }
+  }
+  for (const t of tasks) {
+    const target = resolve(outDir, t.name);
+    await refuseReplacingInputs(target, inputs);
+    let st;
+    try {
+      st = await stat(target);
+    } catch {
+      continue;
+    }
+    if (!st.isDirectory()) throw new AmalgamError('E_IO', `the output path of task ${t.name} exists and is not a folder`, { file: target, hint: 'choose another output folder or task name' });
+    if (!overwrite && (await readdir(target)).length > 0) {
+      throw new AmalgamError('E_IO', `the output folder of task ${t.name} exists and is not empty`, { file: target, hint: 'choose another output folder or pass --overwrite' });
+    }
+  }
+}
+
+/**
  * `amalgam osrm init`: statistics of every task on the base model, then one initial PEFT adapter
  * per task under `<outDir>/<task>` (A from the other tasks' statistics, B = 0; the choice is
  * recorded in adapter_config.json under `amalgam_init`).
@@ -531,6 +573,14 @@ export async function runOsrmInit(modelPath: string, tasks: readonly OsrmInitTas
   const t0 = now();
   if (tasks.length < 2) throw new AmalgamError('E_USAGE', `OSRM needs at least 2 tasks, got ${tasks.length}`);
   const mode = opts.mode ?? 'covariance';
+  if (mode === 'mean' && opts.center) {
+    throw new AmalgamError('E_USAGE', 'center applies to covariance mode only; mean mode does not read it', { hint: 'drop --center, or use --mode covariance' });
+  }
+  if (mode === 'covariance' && opts.divisor !== undefined && opts.divisor !== 'n') {
+    throw new AmalgamError('E_USAGE', `divisor ${opts.divisor} applies to mean mode only; covariance mode does not read it`, { hint: 'drop --divisor, or use --mode mean' });
+  }
+  const inputs = [modelPath, ...tasks.map((t) => t.data)];
+  await checkInitOutputs(tasks, outDir, opts.overwrite ?? false, inputs);
   const rank = opts.rank ?? 8;
   const alpha = opts.alpha ?? 2 * rank;
   const targets = opts.targets ?? ['q_proj', 'v_proj'];
@@ -589,7 +639,7 @@ export async function runOsrmInit(modelPath: string, tasks: readonly OsrmInitTas
             },
           },
         },
-        { overwrite: opts.overwrite, inputs: [modelPath] },
+        { overwrite: opts.overwrite, inputs },
       );
       outputs.push({ task: init.task, dir: w.dir, check: checkInit(inits, stats, opts.center ?? false, ti) });
     }

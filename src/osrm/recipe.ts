@@ -7,14 +7,23 @@ import { readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
-import { AmalgamError } from '../errors.js';
-import { hasMergeMethod, mergeMethodNames } from '../merge/registry.js';
+import { assertKnownParameters } from '../config/validate.js';
+import { methodParameters } from '../config/methods.js';
+import { AmalgamError, isAmalgamError, type ErrorCode } from '../errors.js';
+import { getMergeMethod, hasMergeMethod, mergeMethodNames, prepareParams, type RawParams } from '../merge/registry.js';
 import { LORA_INIT_KINDS, type LoraInitKind } from './init.js';
 
 const positiveInt = z.number().int().positive();
 
+/**
+ * Names used as one component of an output path (tasks, initialisation variants): letters,
+ * digits, `_`, `.` and `-`, not starting with `.` or `-` (so never `.`, `..` or a hidden folder).
+ */
+export const SAFE_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]*$/;
+export const SAFE_NAME_RULE = 'letters, digits, _ . and - only, starting with a letter, digit or _';
+
 const taskSchema = z.strictObject({
-  name: z.string().regex(/^[A-Za-z0-9_.-]+$/, 'task names may hold letters, digits, _ . and - only'),
+  name: z.string().regex(SAFE_NAME, `task names may hold ${SAFE_NAME_RULE}`),
   train: z.string(),
   eval: z.string(),
   num_labels: positiveInt.min(2).optional(),
@@ -63,7 +72,8 @@ const trainSchema = z.strictObject({
 });
 
 const initSchema = z.strictObject({
-  name: z.string().optional(),
+  /** Also the adapters' folder name under adapters/seed-S/. */
+  name: z.string().regex(SAFE_NAME, `variant names may hold ${SAFE_NAME_RULE}`).optional(),
   init: z.enum(LORA_INIT_KINDS as [LoraInitKind, ...LoraInitKind[]]),
   freeze: z.enum(['none', 'A', 'B']).default('none'),
 });
@@ -121,6 +131,75 @@ export function initName(i: { name?: string; init: LoraInitKind; freeze: 'none' 
   return i.name ?? (i.freeze === 'none' ? i.init : `${i.init}+freeze-${i.freeze}`);
 }
 
+/** The name of the merges' base model: the task vectors are differences from the base, so it is zero. */
+export const MERGE_BASE = '__base__';
+
+/**
+ * What one point of a merge's λ grid passes to the merge method: the recipe's `parameters`, and λ
+ * as the method's `lambda` (every task weighted 1) or, for a method without one, as every task's
+ * weight. `models` lists the inputs, the base (when the method reads one) first; `setByGrid`, the
+ * parameters λ fills in.
+ */
+export function mergeGridParams(
+  method: string,
+  parameters: Readonly<Record<string, number | boolean>>,
+  lambda: number,
+  tasks: readonly string[],
+): { models: string[]; base: string | null; raw: RawParams; setByGrid: string[] } {
+  const m = getMergeMethod(method);
+  const hasLambda = 'lambda' in m.globalParams;
+  const base = m.needsBase !== 'none' ? MERGE_BASE : null;
+  const perModel: Record<string, Record<string, unknown>> = {};
+  for (const t of tasks) perModel[t] = { weight: hasLambda ? 1 : lambda };
+  const global: Record<string, unknown> = { ...parameters };
+  if (hasLambda) global['lambda'] = lambda;
+  return { models: base ? [base, ...tasks] : [...tasks], base, raw: { global, perModel }, setByGrid: hasLambda ? ['lambda', 'weight'] : ['weight'] };
+}
+
+/** Throws for a seed listed twice (every seed runs the whole grid once), naming the list as `where`. */
+export function assertDistinctSeeds(seeds: readonly number[], where: string, code: ErrorCode = 'E_CONFIG'): void {
+  const seen = new Set<number>();
+  for (const s of seeds) {
+    if (seen.has(s)) throw new AmalgamError(code, `${where}: seed ${s} is listed twice`, { hint: 'every seed trains and merges everything once; list each seed once' });
+    seen.add(s);
+  }
+}
+
+/**
+ * Checks merge `i` of a recipe before anything runs: parameter names the method reads, none the λ
+ * grid sets itself or the method ignores, no λ twice, and the values the method accepts for these
+ * tasks (types, ranges such as density in [0, 1], model counts).
+ */
+function checkRecipeMerge(merge: RecipeMerge, i: number, tasks: readonly string[], file?: string): void {
+  const at = `${file ? `${file}: ` : ''}merges[${i}]`;
+  const names = Object.keys(merge.parameters);
+  assertKnownParameters(merge.method, names, (name) => `${at}.parameters.${name}`);
+  const specs = methodParameters(merge.method) ?? [];
+  const grid = mergeGridParams(merge.method, merge.parameters, merge.lambdas[0]!, tasks);
+  for (const name of names) {
+    if (grid.setByGrid.includes(name)) {
+      throw new AmalgamError('E_CONFIG', `${at}.parameters.${name}: set by the λ grid, so a value here is never read`, {
+        hint: name === 'lambda' ? `list the values under merges[${i}].lambdas` : `every task's weight is ${grid.setByGrid.includes('lambda') ? '1 (λ scales the merge)' : 'λ'}; list the values under merges[${i}].lambdas`,
+      });
+    }
+    if (specs.find((s) => s.name === name)?.ignored) {
+      throw new AmalgamError('E_CONFIG', `${at}.parameters.${name}: merge method \`${merge.method}\` accepts \`${name}\` but ignores it`, { hint: 'remove it' });
+    }
+  }
+  const lambdas = new Set<number>();
+  for (const lambda of merge.lambdas) {
+    if (lambdas.has(lambda)) throw new AmalgamError('E_CONFIG', `${at}.lambdas: λ ${lambda} is listed twice`, { hint: 'list each λ once' });
+    lambdas.add(lambda);
+    const p = mergeGridParams(merge.method, merge.parameters, lambda, tasks);
+    try {
+      prepareParams(merge.method, { tensorName: `merges[${i}]`, models: p.models, base: p.base }, p.raw);
+    } catch (e) {
+      if (isAmalgamError(e)) throw new AmalgamError('E_CONFIG', `${e.message}${lambda !== merge.lambdas[0] ? ` (at λ ${lambda})` : ''}`, { file, cause: e });
+      throw e;
+    }
+  }
+}
+
 /**
  * Validates a parsed recipe and fills names; resolves relative input paths against `baseDir`
  * and the output folder against `cwd`.
@@ -146,6 +225,20 @@ export function parseOsrmRecipe(raw: unknown, baseDir = process.cwd(), file?: st
       if (seen.has(x.name)) throw new AmalgamError('E_CONFIG', `${what}: the name ${x.name} is used twice (set name:)`, { file });
       seen.add(x.name);
     }
+  }
+  merges.forEach((m, i) => checkRecipeMerge(m, i, rec.tasks.map((t) => t.name), file));
+  assertDistinctSeeds(rec.seeds, file ? `${file}: seeds` : 'seeds');
+  if (rec.osrm.center && !rec.inits.some((i) => i.init === 'osrm-covariance')) {
+    throw new AmalgamError('E_CONFIG', 'osrm.center: applies to osrm-covariance initialisations only, and inits lists none', {
+      file,
+      hint: 'remove osrm.center, or add { init: osrm-covariance } to inits',
+    });
+  }
+  if (rec.osrm.divisor !== 'n' && !rec.inits.some((i) => i.init === 'osrm-mean')) {
+    throw new AmalgamError('E_CONFIG', 'osrm.divisor: applies to osrm-mean initialisations only, and inits lists none', {
+      file,
+      hint: 'remove osrm.divisor, or add { init: osrm-mean } to inits',
+    });
   }
   return {
     ...rec,
