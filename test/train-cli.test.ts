@@ -107,6 +107,11 @@ test('train --lora --task classify writes an adapter that eval --adapter scores'
   const missing = amalgam('eval', base, '--task', 'classify', '--data', dev);
   assert.equal(missing.code, 1);
   assert.match(missing.stderr, /E_MISSING: .*no classification head/);
+  // From a GGUF file (converted into a temporary folder), the adapter names the file.
+  const fromGguf = join(root, 'adapter-gguf');
+  const g = amalgam('train', fixture(GGUF), '--task', 'classify', '--data', train, '--lora', 'r=4,alpha=8,targets=q_proj,v_proj', '--steps', '1', '--batch-size', '8', '--out', fromGguf, '-q');
+  assert.equal(g.code, 0, g.stderr);
+  assert.equal(JSON.parse(await readFile(join(fromGguf, 'adapter_config.json'), 'utf8')).base_model_name_or_path, fixture(GGUF));
 });
 
 test('train (full, lm) writes a model folder; the text report names it', async (t) => {

@@ -12,6 +12,7 @@
  * `trainModel` works on a loaded model and encoded examples; `runTraining` does the whole job
  * from a model folder and a dataset file to an output folder (the `amalgam train` command).
  */
+import { resolve } from 'node:path';
 import { SingleBar } from 'cli-progress';
 import { AmalgamError } from '../errors.js';
 import { classificationLoss } from '../nn/losses.js';
@@ -393,10 +394,12 @@ function encodeFor(task: TrainTask, tok: TextTokenizer, ds: TextDataset, opts: R
  * a dataset file; write a model folder or a PEFT adapter to outDir.
  */
 export async function runTraining(model: string, dataPath: string, outDir: string, opts: RunTrainingOptions): Promise<RunTrainingResult> {
-  return withModelFolder(model, (dir) => trainFromFolder(dir, dataPath, outDir, opts));
+  // The adapter names the model as given (absolute): a GGUF / llama2.c file is converted into a
+  // temporary folder that is gone afterwards.
+  return withModelFolder(model, (dir) => trainFromFolder(dir, dataPath, outDir, opts, resolve(model)));
 }
 
-async function trainFromFolder(modelDir: string, dataPath: string, outDir: string, opts: RunTrainingOptions): Promise<RunTrainingResult> {
+async function trainFromFolder(modelDir: string, dataPath: string, outDir: string, opts: RunTrainingOptions, baseModel: string): Promise<RunTrainingResult> {
   const task = opts.task ?? 'lm';
   const tok = await loadTokenizer(modelDir);
   const readOpts: ReadDatasetOptions = { ...(opts.dataset ?? {}), requireLabels: task === 'classify' };
@@ -422,7 +425,7 @@ async function trainFromFolder(modelDir: string, dataPath: string, outDir: strin
     let output: 'model' | 'adapter';
     let written: string;
     if (opts.lora && !opts.merge) {
-      written = await saveAdapterFolder(model, outDir, { dtype: opts.dtype, overwrite: opts.overwrite, head: result.head, baseModel: modelDir });
+      written = await saveAdapterFolder(model, outDir, { dtype: opts.dtype, overwrite: opts.overwrite, head: result.head, baseModel });
       output = 'adapter';
     } else {
       if (opts.lora) detachLora(model, true);
