@@ -2,7 +2,7 @@ import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
 import { AmalgamError } from '../errors.js';
 import { bakeAdapter } from '../lora/apply.js';
-import { combineAdapters, type CombineMergeMethod, type CombineMethod } from '../lora/combine.js';
+import { checkCombineParams, COMBINE_MERGE_METHODS, combineAdapters, type CombineMergeMethod, type CombineMethod } from '../lora/combine.js';
 import { extractLora, type ExtractedTensor } from '../lora/extract.js';
 import { parseSize } from '../merge/run.js';
 import type { ParamValue } from '../merge/types.js';
@@ -20,6 +20,14 @@ function finite(name: string) {
   return (v: string): number => {
     const n = Number(v);
     if (v.trim() === '' || !Number.isFinite(n)) throw new AmalgamError('E_USAGE', `${name} must be a number, got "${v}"`);
+    return n;
+  };
+}
+
+function fraction(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (v.trim() === '' || !(n >= 0 && n <= 1)) throw new AmalgamError('E_USAGE', `${name} must be a number in [0, 1] (the fraction of each update kept), got "${v}"`);
     return n;
   };
 }
@@ -137,7 +145,7 @@ export function registerLora(program: Command): void {
     .option('-w, --weights <list>', 'comma-separated weights wᵢ, one per adapter (default: 1 each)')
     .option('-r, --rank <r>', 'svd: target rank (default: the largest input rank of each module)', integer('--rank', 1))
     .option('--merge-method <name>', 'svd: task_arithmetic (default), ties, dare_ties or dare_linear')
-    .option('--density <d>', 'svd with ties/dare_*: fraction of each update kept', finite('--density'))
+    .option('--density <d>', 'svd with ties/dare_*: fraction of each update kept, in [0, 1]', fraction('--density'))
     .option('--param <key=value>', 'svd: a global parameter of the merge method (repeatable), e.g. lambda=1, normalize=false', collect, [])
     .option('--seed <n>', 'seed of dare_* masks and the randomised SVD (default 0)', integer('--seed', 0))
     .option('--randomized-above <n>', 'svd: use the randomised SVD for matrices whose smaller side exceeds n (default 512)', integer('--randomized-above', 1))
@@ -169,9 +177,16 @@ export function registerLora(program: Command): void {
           throw new AmalgamError('E_USAGE', `--weights has ${weights.length} values for ${adapters.length} adapters`);
         }
         const mergeParams = parseParams(opts.param);
-        if (opts.density !== undefined) mergeParams['density'] = opts.density;
+        if (opts.density !== undefined) {
+          if ('density' in mergeParams) throw new AmalgamError('E_USAGE', '--density and --param density both set the density', { hint: 'give one of them' });
+          mergeParams['density'] = opts.density;
+        }
         if (opts.method !== 'svd' && Object.keys(mergeParams).length) {
           throw new AmalgamError('E_USAGE', `--density and --param apply to --method svd only`);
+        }
+        const mergeMethod = (opts.mergeMethod ?? 'task_arithmetic') as CombineMergeMethod;
+        if (opts.method === 'svd' && COMBINE_MERGE_METHODS.includes(mergeMethod)) {
+          checkCombineParams(mergeMethod, mergeParams, (name) => (name === 'density' && opts.density !== undefined ? '--density' : `--param ${name}`));
         }
         const progress = bar('combining', opts.quiet || opts.json);
         let r;
@@ -212,12 +227,20 @@ export function registerLora(program: Command): void {
         ];
         if (r.savedTensors.length) lines.push(`  saved:    ${r.savedTensors.join(', ')}`);
         if (r.method === 'svd') {
-          const energies = r.modules.map((m) => m.energy ?? 1);
-          const min = Math.min(...energies);
-          const mean = energies.reduce((a, b) => a + b, 0) / Math.max(1, energies.length);
-          lines.push(`  energy kept: mean ${pct(mean)}, lowest ${pct(min)} (${r.modules.find((m) => (m.energy ?? 1) === min)?.path ?? ''})`);
+          // Modules whose merged update is zero kept no energy to speak of: they are listed as such.
+          const nonzero = r.modules.filter((m) => !m.zeroUpdate);
+          const zeros = r.modules.length - nonzero.length;
+          if (nonzero.length === 0) {
+            lines.push(`  energy kept: none, every merged update is zero (the adapter changes nothing)`);
+          } else {
+            const energies = nonzero.map((m) => m.energy ?? 1);
+            const min = Math.min(...energies);
+            const mean = energies.reduce((a, b) => a + b, 0) / energies.length;
+            const zeroNote = zeros ? `; ${zeros} merged update(s) are zero` : '';
+            lines.push(`  energy kept: mean ${pct(mean)}, lowest ${pct(min)} (${nonzero.find((m) => (m.energy ?? 1) === min)?.path ?? ''})${zeroNote}`);
+          }
           const width = Math.max(6, ...r.modules.map((m) => m.path.length));
-          for (const m of r.modules) lines.push(`    ${m.path.padEnd(width)}  rank ${String(m.rank).padStart(4)}  ${pct(m.energy).padStart(9)}`);
+          for (const m of r.modules) lines.push(`    ${m.path.padEnd(width)}  rank ${String(m.rank).padStart(4)}  ${(m.zeroUpdate ? 'zero' : pct(m.energy)).padStart(9)}`);
         }
         process.stdout.write(lines.join('\n') + '\n');
       },
@@ -234,8 +257,8 @@ export function registerLora(program: Command): void {
     .option('--power-iters <n>', 'randomised SVD: power iterations (default 2)', integer('--power-iters', 0))
     .option('--oversample <n>', 'randomised SVD: extra sketch columns (default 10)', integer('--oversample', 0))
     .option('--seed <n>', 'randomised SVD seed (default 0)', integer('--seed', 0))
-    .option('--embeddings <mode>', 'embedding matrices: lora (default), full or skip')
-    .option('--no-save-full', 'leave out differing tensors that are not factorised (norms, biases) instead of saving them in full')
+    .option('--embeddings <mode>', 'embedding matrices: lora (default), full or skip (whatever --no-save-full says)')
+    .option('--no-save-full', 'leave out differing tensors that are not factorised (norms, biases) instead of saving them in full; embeddings follow --embeddings')
     .option('--dtype <dtype>', 'dtype of the written tensors (default float32)', dtypeOption)
     .option('--overwrite', 'replace the output folder if it exists')
     .option('--json', 'print the result as JSON')
@@ -294,6 +317,9 @@ export function registerLora(program: Command): void {
         process.stdout.write(
           [
             `Extracted a rank-${r.rank} LoRA adapter from ${finetuned} (base ${base}) -> ${r.dir}`,
+            ...(r.loraModules > 0 && r.rank < r.requestedRank
+              ? [`  rank:    --rank ${r.requestedRank} clamped to ${r.rank}, the largest min(rows, cols) of the factorised matrices`]
+              : []),
             `  tensors: ${r.loraModules} factorised, ${r.fullTensors} saved in full, ${identical} identical (skipped)`,
             `  energy captured: mean ${pct(mean)} over ${factored.length} matrices`,
             extractTable(r.tensors),

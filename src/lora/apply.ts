@@ -18,7 +18,7 @@ import { isAbsolute, join, resolve } from 'node:path';
 import { AmalgamError } from '../errors.js';
 import { copyFileWritable, withStagingDir } from '../io/atomic-dir.js';
 import { CONFIG_FILE, HF_EXTRA_FILES, readJsonObject } from '../io/hf.js';
-import { readPeftAdapter, type LoraModule, type PeftAdapter, type SavedModuleTensor } from '../io/peft.js';
+import { readPeftAdapter, targetsModule, type LoraModule, type PeftAdapter, type SavedModuleTensor } from '../io/peft.js';
 import { INDEX_FILE, openSafetensors, ShardedSafetensorsWriter, type RawIntoSource, type TensorLocation } from '../io/safetensors.js';
 import type { TensorInfo, TensorSource } from '../io/source.js';
 import { decodeToF32, encodeFromF32, isFloatDType, numel } from '../tensor/dtype.js';
@@ -28,14 +28,47 @@ export type AdapterAction = { kind: 'lora'; module: LoraModule } | { kind: 'repl
 
 const shapeText = (s: readonly number[]) => JSON.stringify(s);
 
+/** PEFT's `target_modules` shorthand for every linear layer (but the output layer). */
+const ALL_LINEAR = 'all-linear';
+
 /**
- * Checks an adapter against a base model's tensors (headers only) and returns, per base tensor
- * name, what the adapter does to it. Errors name the adapter tensor and the base tensor.
+ * Checks that the adapter's config selects every module it holds LoRA factors for, as PEFT does
+ * when it injects an adapter: `target_modules` (names matched against the end of the module path,
+ * a regex matched against the whole path, or `all-linear`) minus `exclude_modules`. PEFT would
+ * not load factors of other modules. Without `target_modules` (PEFT picks defaults per
+ * architecture) only `exclude_modules` is checked.
+ */
+export function checkTargetModules(adapter: PeftAdapter): void {
+  const { target_modules: targets, exclude_modules: excluded } = adapter.config;
+  const selects = (spec: string | string[], path: string) => targetsModule({ ...adapter.config, target_modules: spec, exclude_modules: null }, path);
+  for (const m of adapter.modules) {
+    let why: [string, string] | undefined;
+    if (excluded !== null && excluded !== undefined && selects(excluded, m.path)) {
+      why = [`exclude_modules ${JSON.stringify(excluded)} excludes it`, 'remove it from exclude_modules'];
+    } else if (targets !== null && targets !== undefined) {
+      const targeted = typeof targets === 'string' && targets.toLowerCase() === ALL_LINEAR ? m.kind === 'linear' : selects(targets, m.path);
+      if (!targeted) why = [`target_modules ${JSON.stringify(targets)} does not select it`, 'add it to target_modules'];
+    }
+    if (why !== undefined) {
+      throw new AmalgamError('E_CONFIG', `the adapter holds LoRA factors for ${m.path}, but ${why[0]}`, {
+        file: adapter.weightsPath,
+        key: m.aName,
+        hint: `PEFT loads only the modules its config selects, so these factors would be ignored: ${why[1]} in ${adapter.configPath}, or remove the module's factors from the adapter`,
+      });
+    }
+  }
+}
+
+/**
+ * Checks an adapter against its own config (checkTargetModules) and a base model's tensors
+ * (headers only) and returns, per base tensor name, what the adapter does to it. Errors name the
+ * adapter tensor and the base tensor.
  */
 export function checkAdapterAgainstBase(adapter: PeftAdapter, base: TensorSource, opts: { baseLabel?: string } = {}): Map<string, AdapterAction> {
   const label = opts.baseLabel ?? base.path;
   const actions = new Map<string, AdapterAction>();
   const file = adapter.weightsPath;
+  checkTargetModules(adapter);
   for (const m of adapter.modules) {
     if (!base.has(m.target)) {
       const tiedHint = /(^|\.)(lm_head|embed_out)\.weight$/.test(m.target) ? '; the base model may tie it to the input embeddings, so it has no tensor of its own' : '';

@@ -15,6 +15,8 @@
  * differs from `r`).
  */
 import { writeFile } from 'node:fs/promises';
+import { parameterSpec } from '../config/methods.js';
+import { assertKnownParameters } from '../config/validate.js';
 import { AmalgamError } from '../errors.js';
 import { withStagingDir } from '../io/atomic-dir.js';
 import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX, readPeftAdapter, type LoraModule, type PeftAdapter } from '../io/peft.js';
@@ -25,7 +27,7 @@ import type { ParamValue } from '../merge/types.js';
 import { encodeFromF32, type FloatDType } from '../tensor/dtype.js';
 import { frobeniusNorm, randomizedSvd, svd, truncateSvd, type SvdResult } from '../tensor/linalg.js';
 import { buildAdapterConfig, loraTensorName, savedTensorName, type FullTensor, type LoraFactors, type PeftAdapterSpec, type WritePeftAdapterOptions } from './peft-write.js';
-import { loraDelta } from './apply.js';
+import { checkTargetModules, loraDelta } from './apply.js';
 
 // ---------------------------------------------------------------------------------------------
 // Writing adapters with linear and embedding modules
@@ -150,6 +152,8 @@ export interface CombinedModule {
   inputs: number[];
   /** `svd`: Σ_{j<k} σⱼ² / ‖ΔW‖² of the merged update (1 when ΔW = 0). */
   energy?: number;
+  /** `svd`: the merged update is zero (e.g. density 0 kept nothing), so the module changes nothing. */
+  zeroUpdate?: boolean;
 }
 
 export interface CombineResult {
@@ -167,7 +171,40 @@ export interface CombineResult {
 export const LINEAR_CROSS_TERM_WARNING =
   "method 'linear' combines the A and B factors separately (PEFT's add_weighted_adapter 'linear'): B·A contains cross terms BᵢAⱼ between adapters and is not the weighted sum of their updates; use 'cat' (exact) or 'svd' for the weighted sum";
 
-const MERGE_METHODS: readonly CombineMergeMethod[] = ['task_arithmetic', 'ties', 'dare_ties', 'dare_linear'];
+/** Merge methods of `svd`. */
+export const COMBINE_MERGE_METHODS: readonly CombineMergeMethod[] = ['task_arithmetic', 'ties', 'dare_ties', 'dare_linear'];
+
+/**
+ * Checks parameters given to `svd`'s merge method before any work: names the method does not
+ * have (with a suggestion) or does not read (task_arithmetic's `density`), `weight` (given per
+ * adapter), value types, and `density` outside [0, 1]. `perAdapter`: the parameters of one
+ * adapter, where global parameters are never read. Errors name each parameter as `where` says.
+ */
+export function checkCombineParams(method: CombineMergeMethod, params: Record<string, ParamValue>, where: (name: string) => string, perAdapter = false): void {
+  assertKnownParameters(method, Object.keys(params), where);
+  for (const [name, value] of Object.entries(params)) {
+    const spec = parameterSpec(method, name)!;
+    if (spec.ignored) {
+      throw new AmalgamError('E_USAGE', `${where(name)}: merge method ${method} does not read \`${name}\``, {
+        hint: name === 'density' ? 'density is read by ties, dare_ties and dare_linear' : undefined,
+      });
+    }
+    if (name === 'weight') {
+      throw new AmalgamError('E_USAGE', `${where(name)}: the weight of each adapter is given per adapter, not as a merge parameter`, { hint: "set each adapter's weight with --weights (CombineInput.weight)" });
+    }
+    if (perAdapter && spec.kind === 'global') {
+      throw new AmalgamError('E_USAGE', `${where(name)}: \`${name}\` is a global parameter of ${method}; a value given for one adapter is never read`, {
+        hint: 'give it as a global merge parameter (--param)',
+      });
+    }
+    if (spec.type === 'boolean' ? typeof value !== 'boolean' : typeof value !== 'number' || !Number.isFinite(value)) {
+      throw new AmalgamError('E_USAGE', `${where(name)}: \`${name}\` takes ${spec.type === 'boolean' ? 'true or false' : 'a number'}, got ${JSON.stringify(value)}`);
+    }
+    if (name === 'density' && !((value as number) >= 0 && (value as number) <= 1)) {
+      throw new AmalgamError('E_USAGE', `${where(name)}: density must be in [0, 1] (the fraction of each update kept), got ${value}`);
+    }
+  }
+}
 
 interface Entry {
   input: number;
@@ -181,13 +218,21 @@ export async function combineAdapters(inputs: readonly CombineInput[], outDir: s
     throw new AmalgamError('E_USAGE', `unknown combination method '${opts.method}'`, { hint: 'one of: cat, svd, linear' });
   }
   const mergeMethod = opts.mergeMethod ?? 'task_arithmetic';
-  if (opts.method === 'svd' && !MERGE_METHODS.includes(mergeMethod)) {
-    throw new AmalgamError('E_USAGE', `unknown merge method '${mergeMethod}' for svd`, { hint: `one of: ${MERGE_METHODS.join(', ')}` });
+  if (opts.method === 'svd' && !COMBINE_MERGE_METHODS.includes(mergeMethod)) {
+    throw new AmalgamError('E_USAGE', `unknown merge method '${mergeMethod}' for svd`, { hint: `one of: ${COMBINE_MERGE_METHODS.join(', ')}` });
   }
   if (opts.method !== 'svd' && (opts.mergeMethod !== undefined || opts.rank !== undefined)) {
     throw new AmalgamError('E_USAGE', `a target rank and a merge method apply to method 'svd' only (method is '${opts.method}')`);
   }
   if (opts.rank !== undefined && (!Number.isSafeInteger(opts.rank) || opts.rank < 1)) throw new AmalgamError('E_USAGE', `rank must be a positive integer, got ${opts.rank}`);
+  const hasParams = Object.keys(opts.mergeParams ?? {}).length > 0 || inputs.some((x) => Object.keys(x.params ?? {}).length > 0);
+  if (opts.method !== 'svd' && hasParams) {
+    throw new AmalgamError('E_USAGE', `merge parameters apply to method 'svd' only (method is '${opts.method}')`);
+  }
+  if (opts.method === 'svd') {
+    checkCombineParams(mergeMethod, opts.mergeParams ?? {}, (name) => `merge parameter ${name}`);
+    inputs.forEach((x, i) => checkCombineParams(mergeMethod, x.params ?? {}, (name) => `parameter ${name} of adapter ${i + 1} (${x.dir})`, true));
+  }
   const weights = inputs.map((x, i) => {
     const w = x.weight ?? 1;
     if (!Number.isFinite(w)) throw new AmalgamError('E_USAGE', `weight of adapter ${i + 1} (${x.dir}) must be a finite number, got ${w}`);
@@ -204,6 +249,17 @@ export async function combineAdapters(inputs: readonly CombineInput[], outDir: s
   const adapters: PeftAdapter[] = [];
   try {
     for (const x of inputs) adapters.push(await readPeftAdapter(x.dir));
+    for (const a of adapters) checkTargetModules(a);
+    const typed = adapters.filter((a) => a.config.task_type);
+    const other = typed.find((a) => a.config.task_type !== typed[0]!.config.task_type);
+    if (other) {
+      const first = typed[0]!;
+      throw new AmalgamError('E_CONFIG', `the adapters are for different tasks: task_type ${first.config.task_type} in ${first.dir} but ${other.config.task_type} in ${other.dir}`, {
+        file: other.configPath,
+        key: 'task_type',
+        hint: 'combine adapters made for the same task type (and head) on the same base model',
+      });
+    }
     const fifo = adapters.map((a) => a.config.fan_in_fan_out);
     if (fifo.some((f) => f !== fifo[0])) {
       throw new AmalgamError('E_CONFIG', 'the adapters disagree on fan_in_fan_out', {
@@ -285,29 +341,40 @@ export async function combineAdapters(inputs: readonly CombineInput[], outDir: s
       const base = { path, kind: m0.kind, inFeatures: m0.inFeatures, outFeatures: m0.outFeatures };
       let out: AdapterModuleFactors;
       let energy: number | undefined;
+      let zeroUpdate = false;
       if (opts.method === 'cat') {
         out = { ...base, ...catFactors(factors.map((f) => ({ a: f.a, b: f.b, rank: f.module.rank, coef: weights[f.input]! * f.module.scaling })), m0.inFeatures, m0.outFeatures) };
       } else if (opts.method === 'linear') {
         out = { ...base, ...linearFactors(factors.map((f) => ({ a: f.a, b: f.b, coef: weights[f.input]! * f.module.scaling })), m0.rank, m0.inFeatures, m0.outFeatures) };
       } else {
         const merged = mergeDense(path, factors, weights, inputs, mergeMethod, opts.mergeParams ?? {}, seed, warn);
+        zeroUpdate = merged.every((v) => v === 0);
         const k = Math.min(opts.rank ?? Math.max(...entries.map((e) => e.module.rank)), m0.outFeatures, m0.inFeatures);
         const f = factorize(merged, m0.outFeatures, m0.inFeatures, k, { randomizedAbove: opts.randomizedAbove ?? 512, seed });
         energy = f.energy;
         out = { ...base, rank: f.rank, a: f.a, b: f.b };
       }
       modules.push(out);
-      report.push({ path, kind: out.kind, rank: out.rank, inputs: entries.map((e) => e.input), ...(energy !== undefined ? { energy } : {}) });
+      report.push({ path, kind: out.kind, rank: out.rank, inputs: entries.map((e) => e.input), ...(energy !== undefined ? { energy } : {}), ...(zeroUpdate ? { zeroUpdate } : {}) });
       opts.onProgress?.({ done: ++done, total: byPath.size, module: path });
     }
 
+    const zeros = report.filter((m) => m.zeroUpdate).length;
+    if (zeros > 0) {
+      const why = zeroDensityNote(mergeMethod, opts.mergeParams ?? {}, inputs);
+      warn(
+        zeros === report.length
+          ? `every merged update is zero${why}: the combined adapter changes nothing`
+          : `${zeros} of ${report.length} merged updates are zero${why}: those modules change nothing`,
+      );
+    }
     const first = adapters[0]!.config;
     const written = await writeLoraAdapter(
       outDir,
       modules,
       full,
       {
-        taskType: first.task_type ?? 'CAUSAL_LM',
+        taskType: typed[0]?.config.task_type ?? 'CAUSAL_LM',
         ...(first.base_model_name_or_path ? { baseModel: first.base_model_name_or_path } : {}),
         extraConfig: { fan_in_fan_out: fifo[0] ?? false },
       },
@@ -331,6 +398,14 @@ export async function combineAdapters(inputs: readonly CombineInput[], outDir: s
   } finally {
     await Promise.all(adapters.map((a) => a.close().catch(() => {})));
   }
+}
+
+/** ' (density 0 keeps no element of …)' when a density of 0 explains zero merged updates. */
+function zeroDensityNote(method: CombineMergeMethod, global: Record<string, ParamValue>, inputs: readonly CombineInput[]): string {
+  if (method === 'task_arithmetic') return '';
+  const zero = inputs.map((x, i) => ((x.params?.['density'] ?? global['density']) === 0 ? i + 1 : 0)).filter((i) => i > 0);
+  if (zero.length === 0) return '';
+  return zero.length === inputs.length ? ' (density 0 keeps no element of any update)' : ` (density 0 keeps no element of the update of adapter ${zero.join(', ')})`;
 }
 
 function describe(m: LoraModule): string {

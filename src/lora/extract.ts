@@ -2,9 +2,11 @@
  * LoRA extraction (formats.md §4.4, like `mergekit-extract-lora`): for each weight matrix that
  * differs between a base and a fine-tuned model, ΔW = W_ft − W_base is approximated by its
  * truncated SVD and written as a PEFT adapter: `lora_B` = U_k·S_k, `lora_A` = V_kᵀ,
- * `lora_alpha` = r (scaling 1). Embedding matrices become PEFT embedding factors
- * (`lora_embedding_A/B`, which hold ΔWᵀ). Large matrices use the randomised SVD. The energy
- * captured, Σ_{j<k} σⱼ² / ‖ΔW‖², is reported per tensor.
+ * `lora_alpha` = r (scaling 1). Each matrix gets rank min(r, rows, cols); the adapter's `r` is
+ * the largest rank used and `rank_pattern` holds the smaller ones. Embedding matrices become PEFT
+ * embedding factors (`lora_embedding_A/B`, which hold ΔWᵀ), or are saved in full or skipped as
+ * `embeddings` says. Large matrices use the randomised SVD. The energy captured,
+ * Σ_{j<k} σⱼ² / ‖ΔW‖², is reported per tensor.
  *
  * Tensors that are bitwise identical are skipped. Other tensors that differ (1-D norms and
  * biases, or matrices not named `*.weight`) are saved in full as `modules_to_save`, or only
@@ -28,9 +30,12 @@ export interface ExtractOptions {
   oversample?: number;
   powerIters?: number;
   seed?: number;
-  /** Embedding matrices: PEFT embedding LoRA factors (default), saved in full, or skipped. */
+  /** Embedding matrices: PEFT embedding LoRA factors (default), saved in full, or skipped (whatever `saveFull` says). */
   embeddings?: 'lora' | 'full' | 'skip';
-  /** Save differing tensors that cannot be factorised in full (default true); otherwise they are only reported. */
+  /**
+   * Save differing tensors that cannot be factorised (norms, biases) in full (default true);
+   * otherwise they are only reported. Embeddings follow `embeddings`.
+   */
   saveFull?: boolean;
   /** Data type of the written tensors (default F32). */
   dtype?: FloatDType;
@@ -59,7 +64,10 @@ export interface ExtractedTensor {
 
 export interface ExtractResult {
   dir: string;
+  /** The largest rank of a factorised module: `r` and `lora_alpha` of the adapter (others are in `rank_pattern`). */
   rank: number;
+  /** The rank asked for; larger than `rank` when no matrix has that many rows and columns. */
+  requestedRank: number;
   tensors: ExtractedTensor[];
   /** Modules written as LoRA factors. */
   loraModules: number;
@@ -175,11 +183,12 @@ export async function extractLora(baseDir: string, ftDir: string, outDir: string
             modules.push({ path, kind: 'linear', rank: fz.rank, inFeatures: cols, outFeatures: rows, a: fz.a, b: fz.b });
             entry = { name: b.name, kind: 'lora', shape: b.shape.slice(), rank: fz.rank, energy: fz.energy, relativeDelta, randomized: fz.randomized };
           }
-        } else if (saveFull && !(isEmbedding && embeddings === 'skip')) {
+        } else if (isEmbedding && embeddings !== 'lora' ? embeddings === 'full' : saveFull) {
+          // An explicit `embeddings: full` saves embeddings whatever saveFull says.
           full.push({ name: b.name, shape: b.shape.slice(), data: wf.slice() });
           entry = { name: b.name, kind: 'full', shape: b.shape.slice(), relativeDelta };
         } else {
-          entry = { name: b.name, kind: 'skipped', shape: b.shape.slice(), relativeDelta, reason: isEmbedding ? 'embeddings: skip' : 'saveFull is off' };
+          entry = { name: b.name, kind: 'skipped', shape: b.shape.slice(), relativeDelta, reason: isEmbedding && embeddings === 'skip' ? 'embeddings: skip' : 'saveFull is off' };
           warn(`${b.name} differs (relative change ${relativeDelta.toExponential(2)}) but is left out of the adapter`);
         }
       }
@@ -189,14 +198,17 @@ export async function extractLora(baseDir: string, ftDir: string, outDir: string
     if (modules.length === 0 && full.length === 0) {
       throw new AmalgamError('E_USAGE', 'the two models have no differing tensors; there is nothing to extract', { file: absFt });
     }
+    // Each matrix gets min(rank, rows, cols): `r` is the largest rank used (the requested rank when
+    // only saved tensors differ), the smaller ones go to rank_pattern.
+    const r = modules.length ? Math.max(...modules.map((m) => m.rank)) : rank;
     const written = await writeLoraAdapter(
       outDir,
       modules,
       full,
-      { r: rank, alpha: rank, baseModel: absBase, taskType: 'CAUSAL_LM' },
-      { unitScaling: true, dtype: opts.dtype, overwrite: opts.overwrite, inputs: [absBase, absFt], metadata: { amalgam_extract: `rank ${rank}` } },
+      { r, alpha: r, baseModel: absBase, taskType: 'CAUSAL_LM' },
+      { unitScaling: true, dtype: opts.dtype, overwrite: opts.overwrite, inputs: [absBase, absFt], metadata: { amalgam_extract: `rank ${r}` } },
     );
-    return { dir: written.dir, rank, tensors: report, loraModules: modules.length, fullTensors: full.length, config: written.config, warnings };
+    return { dir: written.dir, rank: r, requestedRank: rank, tensors: report, loraModules: modules.length, fullTensors: full.length, config: written.config, warnings };
   } finally {
     await Promise.all([base.close(), ft?.close()]);
   }

@@ -6,6 +6,7 @@ export {
   bakeAdapter,
   checkAdapterAgainstBase,
   checkAdapterForModel,
+  checkTargetModules,
   loraDelta,
   openAdaptedSource,
   type AdapterAction,
@@ -15,7 +16,9 @@ export {
 } from './apply.js';
 export {
   catFactors,
+  checkCombineParams,
   combineAdapters,
+  COMBINE_MERGE_METHODS,
   factorize,
   linearFactors,
   LINEAR_CROSS_TERM_WARNING,
