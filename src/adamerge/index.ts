@@ -9,5 +9,5 @@ export {
   entropyLoss,
   trainAdaMerge,
 } from './adamerge.js';
-export { type AdaMergeRecipe, loadAdaMergeRecipe, parseAdaMergeRecipe, resolveAdaMergeRecipe } from './recipe.js';
-export { runAdaMerge, type RunAdaMergeOptions, type RunAdaMergeResult } from './run.js';
+export { adaMergeRecipeAsRun, adaMergeRecipeYaml, type AdaMergeRecipe, loadAdaMergeRecipe, parseAdaMergeRecipe, resolveAdaMergeRecipe } from './recipe.js';
+export { ADAMERGE_CONFIG, runAdaMerge, type RunAdaMergeOptions, type RunAdaMergeResult } from './run.js';

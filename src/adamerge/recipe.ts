@@ -15,11 +15,12 @@
  * ```
  */
 import { dirname, resolve } from 'node:path';
+import { stringify as stringifyYaml } from 'yaml';
 import { z } from 'zod';
 import { AmalgamError } from '../errors.js';
 import type { FloatDType } from '../tensor/dtype.js';
-import { resolveTextData, textDataSchema, type TextDataSpec } from '../evolve/data.js';
-import { modelRefSchema, parseDtypeKey, parseYamlText, readRecipeText, recipeError, resolveModelRef, type ModelRef } from '../evolve/recipe.js';
+import { resolveTextData, textDataSchema, textDataYaml, type TextDataSpec } from '../evolve/data.js';
+import { modelRefSchema, modelRefYaml, parseDtypeKey, parseYamlText, readRecipeText, recipeAsRun, recipeError, resolveModelRef, setIn, setListPaths, type ModelRef } from '../evolve/recipe.js';
 import type { AdaMergeGranularity } from './adamerge.js';
 
 export interface AdaMergeRecipe {
@@ -92,4 +93,39 @@ export function parseAdaMergeRecipe(text: string, baseDir = '.', file?: string):
 /** Reads a recipe file; relative paths resolve against its folder. */
 export async function loadAdaMergeRecipe(path: string): Promise<AdaMergeRecipe> {
   return parseAdaMergeRecipe(await readRecipeText(path, 'AdaMerging'), dirname(resolve(path)), path);
+}
+
+/** A resolved recipe in its YAML form (snake_case keys), for runs given no recipe text. */
+export function adaMergeRecipeYaml(r: AdaMergeRecipe): Record<string, unknown> {
+  return {
+    base_model: r.baseModel,
+    models: r.models.map(modelRefYaml),
+    data: r.data.map(textDataYaml),
+    test: r.test.map(textDataYaml),
+    granularity: r.granularity,
+    init: r.init,
+    clamp: [...r.clamp],
+    train: { lr: r.train.lr, steps: r.train.steps, batch_size: r.train.batchSize, betas: [...r.train.betas], eps: r.train.eps, seed: r.train.seed, max_length: r.train.maxLength },
+    eval_batch_size: r.evalBatchSize,
+    output: r.output.dtype !== undefined ? { dtype: r.output.dtype } : {},
+  };
+}
+
+/**
+ * `adamerge_config.yml`: the recipe text (or, without one, the resolved recipe) with every model
+ * and data path absolute, as resolved for the run, and the steps of the command line.
+ */
+export function adaMergeRecipeAsRun(recipe: AdaMergeRecipe, opts: { text?: string; from?: string; steps?: number; file: string }): string {
+  const text = opts.text ?? stringifyYaml(adaMergeRecipeYaml(recipe));
+  return recipeAsRun(
+    text,
+    (v) => {
+      v['base_model'] = recipe.baseModel;
+      setListPaths(v, 'models', 'model', recipe.models.map((m) => m.path));
+      setListPaths(v, 'data', 'path', recipe.data.map((d) => d.path));
+      setListPaths(v, 'test', 'path', recipe.test.map((d) => d.path));
+      if (opts.steps !== undefined) setIn(v, 'train', 'steps', opts.steps);
+    },
+    { command: 'adamerge', file: opts.file, from: opts.from, overrides: opts.steps !== undefined ? [`--steps ${opts.steps}`] : [] },
+  );
 }

@@ -4,20 +4,24 @@
  */
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { stringify as stringifyYaml } from 'yaml';
 import { scoreDomains, type DomainScores } from '../evolve/fitness.js';
 import { loadEvalSets } from '../evolve/evolve.js';
 import { loadMergeModels } from '../evolve/models.js';
 import { saveModelFolder } from '../train/checkpoint.js';
 import { AdaMergeModel, trainAdaMerge, type AdaMergeStepInfo, type AdaMergeTrainResult } from './adamerge.js';
-import type { AdaMergeRecipe } from './recipe.js';
+import { adaMergeRecipeAsRun, type AdaMergeRecipe } from './recipe.js';
+
+/** The recipe as run, in the output folder. */
+export const ADAMERGE_CONFIG = 'adamerge_config.yml';
 
 export interface RunAdaMergeOptions {
   /** Write the merge here (a Hugging Face folder plus adamerge.json). */
   outDir?: string;
   overwrite?: boolean;
-  /** The recipe text, copied into the output as adamerge_config.yml. */
+  /** The recipe text, written into the output as adamerge_config.yml with absolute paths and `steps` applied. */
   recipeYaml?: string;
+  /** The recipe's file, named in adamerge_config.yml. */
+  recipeFile?: string;
   /** Override the recipe's steps. */
   steps?: number;
   onStep?: (s: AdaMergeStepInfo) => void;
@@ -73,7 +77,7 @@ export async function runAdaMerge(recipe: AdaMergeRecipe, opts: RunAdaMergeOptio
         am.model.setTrainable(() => false);
         result.outDir = await saveModelFolder(am.model, tokDir, opts.outDir, { dtype: recipe.output.dtype, overwrite: opts.overwrite });
         await writeFile(join(result.outDir, 'adamerge.json'), JSON.stringify(result, null, 2) + '\n');
-        await writeFile(join(result.outDir, 'adamerge_config.yml'), opts.recipeYaml ?? stringifyYaml(recipe));
+        await writeFile(join(result.outDir, ADAMERGE_CONFIG), adaMergeRecipeAsRun(recipe, { text: opts.recipeYaml, from: opts.recipeFile, steps: opts.steps, file: ADAMERGE_CONFIG }));
       }
       return result;
     } finally {

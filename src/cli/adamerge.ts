@@ -51,6 +51,7 @@ export function registerAdaMerge(program: Command): void {
         outDir: o.out,
         overwrite: o.overwrite,
         recipeYaml: text,
+        recipeFile: file,
         steps: o.steps,
         log: o.quiet || o.json ? undefined : (l) => process.stderr.write(`${l}\n`),
         onStep: (s) => {

@@ -4,6 +4,7 @@ import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { AmalgamError } from '../errors.js';
 import { bakeFromMergers, type DamBakeResult } from '../dam/bake.js';
+import { DAM_NON_LINEARITIES, type DamNonLinearity } from '../dam/layer.js';
 import { parseDamRecipe } from '../dam/recipe.js';
 import { runDam, type RunDamResult } from '../dam/train.js';
 import { fixed, markdownTable, secondsText, tokensText } from '../evolve/report.js';
@@ -65,6 +66,7 @@ interface TrainCliOptions {
 interface BakeCliOptions {
   mergers: string;
   out: string;
+  nonLinearity?: DamNonLinearity;
   dtype?: string;
   shardSize?: string;
   overwrite?: boolean;
@@ -86,6 +88,28 @@ export function formatDamReport(r: RunDamResult, models: readonly string[]): str
   else lines.push('not baked (pass --out DIR to write the merged checkpoint)');
   return lines.join('\n');
 }
+
+function parseNonLinearity(v: string): DamNonLinearity {
+  const f = v === 'none' ? 'identity' : v;
+  if (!(DAM_NON_LINEARITIES as readonly string[]).includes(f)) {
+    throw new AmalgamError('E_USAGE', `--non-linearity: unknown non-linearity '${v}'`, { hint: `use ${DAM_NON_LINEARITIES.join(', ')}` });
+  }
+  return f as DamNonLinearity;
+}
+
+/** How `dam bake` checks the source folders against the mergers file (its --help). */
+const BAKE_SOURCES_HELP = `
+Source folders: the mergers file records the source folders of \`dam train\` (absolute paths) and a
+fingerprint of each one's weights (a hash of every tensor's name, dtype, shape and a few stored
+bytes). Before baking, each given folder is compared with the recorded source at its position:
+  - same real path or same weights: it is used; a folder that moved but holds the recorded
+    weights is a warning;
+  - another recorded source (the same folders in another order), or other weights: an error that
+    lists the recorded and the given folders; give the recorded folders in the recorded order;
+  - a moved folder that cannot be compared (a file without fingerprints, and the recorded folder
+    gone): a warning. Files without fingerprints are compared with the recorded folders' weights
+    where those folders still exist.
+`;
 
 function formatBake(r: DamBakeResult): string {
   return `baked ${r.tensors} tensors into ${r.outDir} in ${(r.elapsedMs / 1000).toFixed(2)} s (${r.files.join(', ')})`;
@@ -112,14 +136,15 @@ export function registerDam(program: Command): void {
         throw new AmalgamError('E_IO', `cannot read the DAM recipe: ${(e as Error).message}`, { file, cause: e });
       }
       const recipe = parseDamRecipe(text, file);
-      if (o.steps !== undefined) recipe.train.steps = o.steps;
       const models = recipe.models.map((m) => m.model);
       let progress: Progress | null = null;
       const r = await runDam(recipe, {
         baseDir: dirname(file),
         outDir: o.out,
         overwrite: o.overwrite,
+        steps: o.steps,
         recipeYaml: text,
+        recipeFile: file,
         onStep: (s) => {
           progress ??= createProgress({
             label: 'dam',
@@ -150,15 +175,19 @@ export function registerDam(program: Command): void {
     .command('bake')
     .description('Re-bake a DAM merge from the source folders (in their training order) and a mergers.safetensors.')
     .argument('<sources...>', 'source model folders, in the order they were trained')
-    .requiredOption('--mergers <file>', 'mergers.safetensors of a DAM run')
+    .requiredOption('--mergers <file>', 'mergers.safetensors of a DAM run (written by `dam train --out`)')
     .requiredOption('--out <dir>', 'output folder')
+    .option('--non-linearity <f>', `f of a mergers file that does not record one (files of the reference DAM code, which trains with tanh): ${DAM_NON_LINEARITIES.join(', ')}`, parseNonLinearity)
     .option('--dtype <dtype>', 'data type of the written weights: f32, bf16 or f16 (default: the first source\'s)')
     .option('--shard-size <size>', 'shard size limit, e.g. 5B or 500M (default 5B)')
     .option('--overwrite', 'replace a non-empty output folder')
     .option('--json', 'print the result as one JSON object')
+    .addHelpText('after', BAKE_SOURCES_HELP)
     .action(async (sources: string[], o: BakeCliOptions) => {
       const r = await bakeFromMergers(sources, o.mergers, o.out, {
         overwrite: o.overwrite,
+        onWarning: (m) => process.stderr.write(`amalgam: warning: ${m}\n`),
+        ...(o.nonLinearity !== undefined ? { nonLinearity: o.nonLinearity } : {}),
         ...(o.dtype !== undefined ? { dtype: parseDtypeOption(o.dtype) } : {}),
         ...(o.shardSize !== undefined ? { outShardSize: parseSize(o.shardSize) } : {}),
       });

@@ -78,6 +78,7 @@ export function registerEvolve(program: Command): void {
         outDir: o.out,
         overwrite: o.overwrite,
         recipeYaml: text,
+        recipeFile: file,
         evaluations: o.evaluations,
         log: o.quiet || o.json ? undefined : (l) => process.stderr.write(`${l}\n`),
         onEval: (e) => {

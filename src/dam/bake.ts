@@ -8,16 +8,20 @@
  * the source ids, the loss and the training settings in its `__metadata__`.
  *
  * `bakeFromMergers` re-bakes from `mergers.safetensors` and the source folders alone, streaming
- * one tensor at a time; it writes the same weight bytes as baking the trained model.
+ * one tensor at a time; it writes the same weight bytes as baking the trained model. It first
+ * checks that the folders are the recorded sources in the recorded order: by their real paths,
+ * and by a fingerprint of their weights (`weightsFingerprint`) where one is recorded or the
+ * recorded folder can still be read.
  */
-import { stat, writeFile } from 'node:fs/promises';
-import { basename, join, resolve } from 'node:path';
+import { createHash } from 'node:crypto';
+import { realpath, stat, writeFile } from 'node:fs/promises';
+import { basename, isAbsolute, join, resolve } from 'node:path';
 import { stringify as stringifyYaml } from 'yaml';
 import { AmalgamError } from '../errors.js';
 import { copyFileWritable, withStagingDir } from '../io/atomic-dir.js';
 import { getConfigDtype, HF_EXTRA_FILES, readHfConfig, setConfigDtype } from '../io/hf.js';
-import { openSafetensors, ShardedSafetensorsWriter, writeSafetensorsFile, type TensorData } from '../io/safetensors.js';
-import { ioError, type TensorSource } from '../io/source.js';
+import { canReadRawInto, openSafetensors, ShardedSafetensorsWriter, writeSafetensorsFile, type TensorData } from '../io/safetensors.js';
+import { FileByteReader, ioError, type TensorSource } from '../io/source.js';
 import { AMALGAM_VERSION } from '../merge/output.js';
 import { removeStaleStaging } from '../merge/run.js';
 import { llamaConfigToHf, parseLlamaConfig, type LlamaConfig } from '../nn/config.js';
@@ -26,6 +30,8 @@ import { averageInto, damActivation, damMergeForward, DAM_NON_LINEARITIES, type 
 import { checkSameArchitecture, planDamTensors, type DamInit, type DamModel, type DamTensorSpec } from './model.js';
 
 export const MERGERS_FILE = 'mergers.safetensors';
+/** The recipe of the run, in the output folder. */
+export const DAM_CONFIG = 'dam_config.yml';
 
 /** What the card and the mergers metadata record about the run. */
 export interface DamRunInfo {
@@ -58,7 +64,7 @@ export interface DamBakeOptions {
   name?: string;
   /** Folder whose config.json and tokenizer files are used (default: the first source's folder). */
   configFrom?: string;
-  /** The run configuration, written as `dam_config.yml`. */
+  /** The run configuration, written as `dam_config.yml` (and shown in the model card). */
   recipeYaml?: string;
   info?: DamRunInfo;
 }
@@ -177,8 +183,72 @@ export function damModelCard(o: {
   return lines.join('\n');
 }
 
+/** Metadata key of the sources' weight fingerprints (a JSON list, one per source). */
+export const FINGERPRINTS_KEY = 'model_fingerprints';
+
+/** Stored bytes hashed from the start, the middle and the end of each tensor. */
+const SAMPLE_BYTES = 64;
+
+function sampleRanges(length: number): [number, number][] {
+  if (length <= 3 * SAMPLE_BYTES) return [[0, length]];
+  return [
+    [0, SAMPLE_BYTES],
+    [Math.floor((length - SAMPLE_BYTES) / 2), SAMPLE_BYTES],
+    [length - SAMPLE_BYTES, SAMPLE_BYTES],
+  ];
+}
+
+/**
+ * A cheap fingerprint of a model's weights: SHA-256 (hex) over every tensor's name, dtype and
+ * shape, in name order, and 64 stored bytes from its start, middle and end. Fine-tunes of one
+ * base have identical safetensors headers; their sampled bytes differ. Sharding does not change
+ * the fingerprint; converting the dtype does.
+ */
+export async function weightsFingerprint(src: TensorSource): Promise<string> {
+  const hash = createHash('sha256');
+  const readers = new Map<string, FileByteReader>();
+  try {
+    const infos = src.tensors().sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    for (const t of infos) {
+      hash.update(`${t.name}\0${t.dtype}\0${t.shape.join(',')}\0`);
+      const loc = canReadRawInto(src) ? src.locate(t.name) : undefined;
+      if (!loc) {
+        const raw = await src.readRaw(t.name);
+        for (const [o, l] of sampleRanges(raw.length)) hash.update(raw.subarray(o, o + l));
+        continue;
+      }
+      let r = readers.get(loc.path);
+      if (!r) {
+        r = await FileByteReader.open(loc.path);
+        readers.set(loc.path, r);
+      }
+      for (const [o, l] of sampleRanges(loc.length)) hash.update(await r.read(loc.offset + o, l));
+    }
+  } finally {
+    await Promise.all([...readers.values()].map((r) => r.close().catch(() => {})));
+  }
+  return hash.digest('hex');
+}
+
+/** The fingerprint of a model folder's weights, or null when the folder cannot be read. */
+async function folderFingerprint(dir: string): Promise<string | null> {
+  let src: TensorSource;
+  try {
+    src = await openSafetensors(dir);
+  } catch {
+    return null;
+  }
+  try {
+    return await weightsFingerprint(src);
+  } catch {
+    return null;
+  } finally {
+    await src.close().catch(() => {});
+  }
+}
+
 /** The mergers.safetensors `__metadata__`. */
-function mergersMetadata(nonLinearity: DamNonLinearity, models: string[], info: DamRunInfo): Record<string, string> {
+function mergersMetadata(nonLinearity: DamNonLinearity, models: string[], info: DamRunInfo, fingerprints: string[] | null): Record<string, string> {
   const md: Record<string, string> = {
     format: 'pt',
     amalgam_version: AMALGAM_VERSION,
@@ -186,6 +256,7 @@ function mergersMetadata(nonLinearity: DamNonLinearity, models: string[], info: 
     num_models: String(models.length),
     models: JSON.stringify(models),
   };
+  if (fingerprints) md[FINGERPRINTS_KEY] = JSON.stringify(fingerprints);
   if (info.init !== undefined) md['init'] = JSON.stringify(info.init);
   if (info.loss) md['loss'] = JSON.stringify(info.loss);
   if (info.optimizer) md['optimizer'] = JSON.stringify(info.optimizer);
@@ -206,6 +277,8 @@ interface WriteFolderArgs {
   nonLinearity: DamNonLinearity;
   models: string[];
   folders: string[] | null;
+  /** The sources' weight fingerprints, recorded in mergers.safetensors (null: not known). */
+  fingerprints: string[] | null;
   opts: DamBakeOptions;
 }
 
@@ -243,7 +316,7 @@ async function writeDamFolder(a: WriteFolderArgs): Promise<DamBakeResult> {
         await writer.abort();
         throw e;
       }
-      await writeSafetensorsFile(stage.file(MERGERS_FILE), a.mergers, mergersMetadata(a.nonLinearity, a.models, info));
+      await writeSafetensorsFile(stage.file(MERGERS_FILE), a.mergers, mergersMetadata(a.nonLinearity, a.models, info, a.fingerprints));
       other.push(MERGERS_FILE);
       const put = async (name: string, text: string) => {
         const path = stage.file(name);
@@ -255,7 +328,7 @@ async function writeDamFolder(a: WriteFolderArgs): Promise<DamBakeResult> {
         other.push(name);
       };
       await put('config.json', JSON.stringify(hfConfig, null, 2) + '\n');
-      if (opts.recipeYaml !== undefined) await put('dam_config.yml', opts.recipeYaml.endsWith('\n') ? opts.recipeYaml : opts.recipeYaml + '\n');
+      if (opts.recipeYaml !== undefined) await put(DAM_CONFIG, opts.recipeYaml.endsWith('\n') ? opts.recipeYaml : opts.recipeYaml + '\n');
       if (opts.writeModelCard ?? true) {
         const trained = a.tensors.filter((t) => t.spec.coefficientNames);
         await put(
@@ -301,6 +374,11 @@ export async function bakeDam(dam: DamModel, outDir: string, opts: DamBakeOption
   const configFrom = opts.configFrom ?? dam.folders?.[0] ?? null;
   const mergers: TensorData[] = dam.coefficients().map((p) => ({ name: p.name, dtype: 'F32', shape: [...p.shape], data: f32Bytes(p.data) }));
   const info: DamRunInfo = { init: dam.options.init, ...(opts.info ?? {}) };
+  let fingerprints: string[] | null = null;
+  if (dam.folders) {
+    const fps = await Promise.all(dam.folders.map(folderFingerprint));
+    if (fps.every((f): f is string => f !== null)) fingerprints = fps;
+  }
   return writeDamFolder({
     outDir,
     config: dam.config,
@@ -310,19 +388,111 @@ export async function bakeDam(dam: DamModel, outDir: string, opts: DamBakeOption
     nonLinearity: dam.act.name,
     models: dam.folders ?? dam.sourceIds,
     folders: dam.folders,
+    fingerprints,
     opts: { ...opts, info },
   });
 }
 
 export interface DamBakeFromMergersOptions extends DamBakeOptions {
-  /** f, when the mergers file does not record it. */
+  /** f, when the mergers file does not record it (files of the reference code; it trains with tanh). */
   nonLinearity?: DamNonLinearity;
+  /** Called with each warning (source folders that moved since training). */
+  onWarning?: (message: string) => void;
+}
+
+/** A DAM coefficient tensor's name: `{module}.mergers.{i}` or `{module}.bias_mergers.{i}`. */
+const COEFFICIENT_NAME = /\.(bias_)?mergers\.\d+$/;
+
+/** The real path of a folder, or its absolute path where it cannot be resolved. */
+async function realOrAbsolute(p: string): Promise<string> {
+  try {
+    return await realpath(p);
+  } catch {
+    return resolve(p);
+  }
+}
+
+function folderName(p: string): string {
+  return basename(p.replace(/[\\/]+$/, ''));
+}
+
+/**
+ * Checks that the source folders are the models the coefficients were trained on, in the same
+ * order, before anything is baked. The mergers file records the sources (`models`: absolute
+ * folder paths from `dam train`) and their weight fingerprints (`model_fingerprints`, files
+ * written since fingerprints were added). Source i is the recorded source i when its weights
+ * have the recorded fingerprint, or, where none is recorded, the fingerprint of the recorded
+ * folder if that can still be read, or else when its real path is the recorded one. A folder that
+ * is another recorded source (by path, fingerprint or folder name), or whose weights differ, is
+ * an error; a moved folder whose weights match, or that cannot be compared, is a warning.
+ */
+async function checkRecordedSources(
+  dirs: readonly string[],
+  givenFps: readonly string[],
+  md: Record<string, string>,
+  mergersPath: string,
+): Promise<string[]> {
+  const n = dirs.length;
+  const recorded = recordedModels(md);
+  const paths = recorded && recorded.length === n && recorded.every((p) => isAbsolute(p)) ? recorded : null;
+  const recordedFps = recordedFingerprints(md, n);
+  if (!paths && !recordedFps) return [];
+  const given = dirs.map((d) => resolve(d));
+  const givenReal = await Promise.all(dirs.map(realOrAbsolute));
+  const recordedReal = paths ? await Promise.all(paths.map(realOrAbsolute)) : null;
+  const moved = givenReal.map((g, i) => recordedReal !== null && g !== recordedReal[i]);
+  const want: (string | null)[] = [];
+  for (let i = 0; i < n; i++) want.push(recordedFps?.[i] ?? (moved[i] ? await folderFingerprint(recordedReal![i]!) : null));
+  const label = (i: number) => (paths ? paths[i]! : `source ${i}`);
+  /** The other recorded source that source i is, or -1. */
+  const otherSource = (i: number): number => {
+    for (let j = 0; j < n; j++) {
+      if (j === i) continue;
+      if (recordedReal && givenReal[i] === recordedReal[j] && recordedReal[j] !== recordedReal[i]) return j;
+      if (want[j] !== null && givenFps[i] === want[j]) return j;
+    }
+    if (paths && want[i] === null && moved[i]) {
+      const name = folderName(given[i]!);
+      if (name !== folderName(paths[i]!)) {
+        const j = paths.findIndex((p, k) => k !== i && folderName(p) === name);
+        if (j >= 0) return j;
+      }
+    }
+    return -1;
+  };
+  const problems: string[] = [];
+  const warnings: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const same = want[i] !== null ? givenFps[i] === want[i] : moved[i] ? null : true;
+    if (same === true) {
+      if (moved[i]) warnings.push(`source ${i} was recorded as ${label(i)}; ${given[i]} is used, whose weights match the recorded ones`);
+      continue;
+    }
+    const j = otherSource(i);
+    if (j >= 0) problems.push(`source ${i} (${given[i]}) is recorded source ${j} (${label(j)}), not ${label(i)}`);
+    else if (same === false) problems.push(moved[i] ? `source ${i} (${given[i]}) has other weights than recorded source ${i} (${label(i)})` : `the weights in ${given[i]} have changed since the coefficients were trained`);
+    else if (moved[i]) warnings.push(`source ${i} was recorded as ${label(i)}, which cannot be read; ${given[i]} is used, and the file records no fingerprint to check that it is the same model`);
+  }
+  if (problems.length) {
+    throw new AmalgamError(
+      'E_USAGE',
+      [
+        'the source folders do not match the models the coefficients were trained on:',
+        ...problems.map((p) => `  ${p}`),
+        `  recorded: ${(paths ?? recorded ?? []).join(', ')}`,
+        `  given:    ${given.join(', ')}`,
+      ].join('\n'),
+      { file: mergersPath, hint: 'give the folders of the training run, in the recorded order; the "Models Merged" table of the model card lists them' },
+    );
+  }
+  return warnings;
 }
 
 /**
  * Re-bakes a DAM merge from the source folders (in their original order) and a
  * mergers.safetensors, one tensor at a time: a tensor whose coefficient vectors are present is
- * merged with them, every other tensor is the uniform average.
+ * merged with them, every other tensor is the uniform average. The folders must be the recorded
+ * sources in the recorded order (`checkRecordedSources`).
  */
 export async function bakeFromMergers(sourceDirs: readonly string[], mergersPath: string, outDir: string, opts: DamBakeFromMergersOptions = {}): Promise<DamBakeResult> {
   const n = sourceDirs.length;
@@ -331,37 +501,52 @@ export async function bakeFromMergers(sourceDirs: readonly string[], mergersPath
   const sources: TensorSource[] = [];
   try {
     const md = mergers.metadata;
+    const names = mergers.tensors().map((t) => t.name);
+    if (!names.some((x) => COEFFICIENT_NAME.test(x))) {
+      throw new AmalgamError('E_FORMAT', `not a mergers file written by \`amalgam dam train\`: it holds no DAM coefficients ({module}.mergers.{i})${names.length ? `, but ${names.slice(0, 2).join(', ')}${names.length > 2 ? ', …' : ''}` : ''}`, {
+        file: mergersPath,
+        hint: `pass the ${MERGERS_FILE} from the output folder of \`amalgam dam train --out\``,
+      });
+    }
     const recordedN = md['num_models'] !== undefined ? Number(md['num_models']) : undefined;
     if (recordedN !== undefined && recordedN !== n) {
       throw new AmalgamError('E_USAGE', `the coefficients are for ${recordedN} models, ${n} source folders given`, { file: mergersPath });
     }
-    const f = (opts.nonLinearity ?? md['non_linearity']) as DamNonLinearity | undefined;
-    if (!f) throw new AmalgamError('E_METADATA', 'the file does not record non_linearity', { file: mergersPath, hint: 'pass the non-linearity the coefficients were trained with' });
+    const recordedF = md['non_linearity'] as DamNonLinearity | undefined;
+    if (recordedF !== undefined && opts.nonLinearity !== undefined && opts.nonLinearity !== recordedF) {
+      throw new AmalgamError('E_USAGE', `the file records non_linearity ${recordedF}, but ${opts.nonLinearity} was given`, { file: mergersPath, hint: 'leave out the non-linearity (--non-linearity): the recorded one is used' });
+    }
+    const f = recordedF ?? opts.nonLinearity;
+    if (!f) {
+      throw new AmalgamError('E_METADATA', 'the file does not record non_linearity', {
+        file: mergersPath,
+        hint: `pass the non-linearity the coefficients were trained with (--non-linearity ${DAM_NON_LINEARITIES.join(' | ')}; the reference DAM code trains with tanh)`,
+      });
+    }
     if (!DAM_NON_LINEARITIES.includes(f)) throw new AmalgamError('E_METADATA', `unknown non_linearity '${f}'`, { file: mergersPath });
     const act = damActivation(f);
     const configs = await Promise.all(sourceDirs.map(async (d) => parseLlamaConfig(await readHfConfig(d), join(d, 'config.json'))));
     checkSameArchitecture(configs, sourceDirs);
     const config = configs[0]!;
     for (const d of sourceDirs) sources.push(await openSafetensors(d));
+    const fingerprints = await Promise.all(sources.map(weightsFingerprint));
+    for (const w of await checkRecordedSources(sourceDirs, fingerprints, md, mergersPath)) opts.onWarning?.(w);
     const all = planDamTensors(config, n, { targets: 'all-linear', embeddings: true, norms: true });
     const known = new Set<string>();
     const specs = all.map((s): DamTensorSpec => {
-      const names = s.coefficientNames!;
-      names.forEach((x) => known.add(x));
-      const present = names.filter((x) => mergers.has(x));
+      const coefficients = s.coefficientNames!;
+      coefficients.forEach((x) => known.add(x));
+      const present = coefficients.filter((x) => mergers.has(x));
       if (present.length > 0 && present.length < n) {
-        throw new AmalgamError('E_MISSING', `${n - present.length} of the ${n} coefficient vectors are missing`, { file: mergersPath, key: names.find((x) => !mergers.has(x)) });
+        throw new AmalgamError('E_MISSING', `${n - present.length} of the ${n} coefficient vectors are missing`, { file: mergersPath, key: coefficients.find((x) => !mergers.has(x)) });
       }
       for (const x of present) {
         const shape = mergers.info(x).shape;
         if (shape.length !== 1 || shape[0] !== s.cols) throw new AmalgamError('E_SHAPE', `coefficient vector has shape [${shape.join(', ')}], expected [${s.cols}]`, { file: mergersPath, key: x });
       }
-      return { ...s, coefficientNames: present.length ? names : null };
+      return { ...s, coefficientNames: present.length ? coefficients : null };
     });
-    const unknown = mergers
-      .tensors()
-      .map((t) => t.name)
-      .filter((x) => !known.has(x));
+    const unknown = names.filter((x) => !known.has(x));
     if (unknown.length) throw new AmalgamError('E_FORMAT', `${unknown.length} tensor(s) are not coefficients of this architecture: ${unknown.slice(0, 3).join(', ')}`, { file: mergersPath, key: unknown[0] });
     for (const s of specs) {
       sources.forEach((src, i) => {
@@ -409,8 +594,9 @@ export async function bakeFromMergers(sourceDirs: readonly string[], mergersPath
       tensors,
       mergers: mergerTensors,
       nonLinearity: f,
-      models: recordedModels(md) ?? [...sourceDirs],
+      models: sourceDirs.map((d) => resolve(d)),
       folders: [...sourceDirs],
+      fingerprints,
       opts: { ...opts, info },
     });
   } finally {
@@ -430,6 +616,13 @@ function tryJson(v: string | undefined): unknown {
 function recordedModels(md: Record<string, string>): string[] | undefined {
   const m = tryJson(md['models']);
   return Array.isArray(m) && m.every((x) => typeof x === 'string') ? (m as string[]) : undefined;
+}
+
+/** The recorded weight fingerprints, one per source (null where unknown), or undefined. */
+function recordedFingerprints(md: Record<string, string>, n: number): (string | null)[] | undefined {
+  const m = tryJson(md[FINGERPRINTS_KEY]);
+  if (!Array.isArray(m) || m.length !== n || !m.every((x) => typeof x === 'string' || x === null)) return undefined;
+  return m as (string | null)[];
 }
 
 /** The run information a mergers file records. */

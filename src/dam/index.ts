@@ -40,6 +40,7 @@ export {
 } from './loss.js';
 export { createDamOptimizer, type DamOptimizer, type DamOptimizerKind, type DamOptimizerOptions, MoFOAdamW, type MoFOAdamWOptions } from './optim.js';
 export {
+  checkDamModelFolders,
   damBatch,
   type DamSourceData,
   type DamStepInfo,
@@ -51,5 +52,17 @@ export {
   type RunDamResult,
   trainDam,
 } from './train.js';
-export { bakeDam, bakeFromMergers, type DamBakeFromMergersOptions, type DamBakeOptions, type DamBakeResult, damModelCard, type DamRunInfo, MERGERS_FILE } from './bake.js';
-export { type DamDataSpec, type DamRecipe, loadDamRecipe, parseDamRecipe, resolveDamRecipe } from './recipe.js';
+export {
+  bakeDam,
+  bakeFromMergers,
+  DAM_CONFIG,
+  type DamBakeFromMergersOptions,
+  type DamBakeOptions,
+  type DamBakeResult,
+  damModelCard,
+  type DamRunInfo,
+  FINGERPRINTS_KEY,
+  MERGERS_FILE,
+  weightsFingerprint,
+} from './bake.js';
+export { type DamDataSpec, type DamRecipe, damRecipeAsRun, loadDamRecipe, parseDamRecipe, resolveDamRecipe } from './recipe.js';

@@ -18,9 +18,11 @@
  * ```
  */
 import { readFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { AmalgamError } from '../errors.js';
+import { recipeAsRun, setIn } from '../evolve/recipe.js';
 import { parseSize } from '../merge/run.js';
 import { parseFloatDType, type FloatDType } from '../tensor/dtype.js';
 import type { DamNonLinearity } from './layer.js';
@@ -254,4 +256,29 @@ export async function loadDamRecipe(path: string): Promise<DamRecipe> {
     throw new AmalgamError('E_IO', `cannot read the DAM recipe: ${(e as Error).message}`, { file: path, cause: e });
   }
   return parseDamRecipe(text, path);
+}
+
+/**
+ * `dam_config.yml`: the recipe text with every model and data path resolved against `baseDir`
+ * (the recipe's folder, as the run resolved them) and the steps of the command line, so that it
+ * runs again from any folder.
+ */
+export function damRecipeAsRun(text: string, baseDir: string, opts: { from?: string; steps?: number; file: string }): string {
+  const obj = (v: unknown): Record<string, unknown> | null => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Record<string, unknown>) : null);
+  const abs = (p: unknown) => (typeof p === 'string' ? resolve(baseDir, p) : p);
+  return recipeAsRun(
+    text,
+    (v) => {
+      if (Array.isArray(v['models'])) {
+        v['models'] = v['models'].map((m: unknown) => {
+          const e = obj(m);
+          if (!e) return m;
+          const d = obj(e['data']);
+          return { ...e, model: abs(e['model']), data: d ? { ...d, path: abs(d['path']) } : abs(e['data']) };
+        });
+      }
+      if (opts.steps !== undefined) setIn(v, 'train', 'steps', opts.steps);
+    },
+    { command: 'dam train', file: opts.file, from: opts.from, overrides: opts.steps !== undefined ? [`--steps ${opts.steps}`] : [] },
+  );
 }

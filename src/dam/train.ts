@@ -5,18 +5,20 @@
  * weights are materialised again at the next forward. `runDam` does the whole job from a recipe:
  * load the sources, tokenise each source's data with its own tokenizer, train, bake.
  */
+import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { AmalgamError } from '../errors.js';
 import { BatchSampler, encodeExamples, packWindows } from '../data/batching.js';
 import { readDataset } from '../data/datasets.js';
 import { loadTokenizer } from '../data/tokenizer.js';
+import { readHfConfig } from '../io/hf.js';
 import { Rng } from '../tensor/rng.js';
 import { clipGradNorm, gradNorm, type OptimParam } from '../train/optimizer.js';
-import { bakeDam, type DamBakeResult, type DamRunInfo } from './bake.js';
+import { bakeDam, DAM_CONFIG, type DamBakeResult, type DamRunInfo } from './bake.js';
 import { damLossStep, resolveLossOptions, teacherTopK, type DamBatch, type DamLossOptions, type RegulariserValues, type TopKLogits } from './loss.js';
 import { DamModel } from './model.js';
 import { createDamOptimizer, type DamOptimizerOptions } from './optim.js';
-import type { DamRecipe } from './recipe.js';
+import { damRecipeAsRun, type DamRecipe } from './recipe.js';
 
 /** One source's data: the input sequences it is distilled on. */
 export interface DamSourceData {
@@ -202,8 +204,33 @@ export async function trainDam(dam: DamModel, data: readonly DamSourceData[], op
   return { steps, losses, perSource, initialTerms, tokens, seconds: (performance.now() - t0) / 1000, coefficientCount: dam.coefficientCount };
 }
 
+/**
+ * Checks that every source of the recipe is a model folder with config.json, before anything is
+ * read, with errors that name the folder and the recipe key.
+ */
+export async function checkDamModelFolders(recipe: DamRecipe, baseDir = '.'): Promise<void> {
+  for (const [i, m] of recipe.models.entries()) {
+    const dir = resolve(baseDir, m.model);
+    const key = `models.${i}.model`;
+    let isDir: boolean;
+    try {
+      isDir = (await stat(dir)).isDirectory();
+    } catch (e) {
+      throw new AmalgamError('E_IO', 'the model does not exist', {
+        file: dir,
+        key,
+        hint: `give a Hugging Face model folder, with config.json and *.safetensors weights; relative paths are resolved against the recipe's folder, ${resolve(baseDir)}`,
+        cause: e,
+      });
+    }
+    if (!isDir) throw new AmalgamError('E_IO', 'expected a model folder, got a file', { file: dir, key, hint: 'give a Hugging Face model folder; `amalgam convert` turns GGUF and llama2.c files into one' });
+    await readHfConfig(dir);
+  }
+}
+
 /** Reads and tokenises each recipe source's data with that source's tokenizer. */
 export async function loadDamData(recipe: DamRecipe, baseDir = '.'): Promise<DamSourceData[]> {
+  await checkDamModelFolders(recipe, baseDir);
   const out: DamSourceData[] = [];
   for (const m of recipe.models) {
     const modelDir = resolve(baseDir, m.model);
@@ -231,7 +258,7 @@ export async function loadDamData(recipe: DamRecipe, baseDir = '.'): Promise<Dam
     }
     if (recipe.data.examples !== null) seqs = seqs.slice(0, recipe.data.examples);
     if (seqs.length === 0) throw new AmalgamError('E_USAGE', `no training sequence from the data of ${m.model}`, { file: path, hint: recipe.data.packing ? `the data holds fewer than ${L + 1} tokens` : undefined });
-    out.push({ sequences: seqs, description: `${m.data.description ?? m.data.path} (${seqs.length} ${recipe.data.packing ? `windows of ${L} tokens` : 'sequences'})` });
+    out.push({ sequences: seqs, description: `${m.data.description ?? path} (${seqs.length} ${recipe.data.packing ? `windows of ${L} tokens` : 'sequences'})` });
   }
   return out;
 }
@@ -242,8 +269,12 @@ export interface RunDamOptions {
   /** Bake the result here (default: train only). */
   outDir?: string;
   overwrite?: boolean;
-  /** The recipe text, copied into the output as dam_config.yml. */
+  /** Optimiser steps (overrides train.steps). */
+  steps?: number;
+  /** The recipe text, written into the output as dam_config.yml with absolute paths and `steps` applied. */
   recipeYaml?: string;
+  /** The recipe's file, named in dam_config.yml. */
+  recipeFile?: string;
   onStep?: (s: DamStepInfo) => void;
 }
 
@@ -254,11 +285,9 @@ export interface RunDamResult extends DamTrainResult {
 /** The whole DAM job of a recipe: load, tokenise, train, and (with `outDir`) bake. */
 export async function runDam(recipe: DamRecipe, opts: RunDamOptions = {}): Promise<RunDamResult> {
   const baseDir = opts.baseDir ?? '.';
+  const folders = recipe.models.map((m) => resolve(baseDir, m.model));
   const data = await loadDamData(recipe, baseDir);
-  const dam = await DamModel.fromFolders(
-    recipe.models.map((m) => resolve(baseDir, m.model)),
-    { ...recipe.merge, seed: recipe.train.seed },
-  );
+  const dam = await DamModel.fromFolders(folders, { ...recipe.merge, seed: recipe.train.seed });
   try {
     const optimizer: DamOptimizerOptions = {
       kind: recipe.train.optimizer,
@@ -269,7 +298,7 @@ export async function runDam(recipe: DamRecipe, opts: RunDamOptions = {}): Promi
     };
     const { normalizeKl, topK, ...loss } = recipe.loss;
     const result = await trainDam(dam, data, {
-      steps: recipe.train.steps,
+      steps: opts.steps ?? recipe.train.steps,
       epochs: recipe.train.epochs,
       batchSize: recipe.train.batchSize,
       lr: recipe.train.lr,
@@ -284,7 +313,7 @@ export async function runDam(recipe: DamRecipe, opts: RunDamOptions = {}): Promi
     });
     if (!opts.outDir) return result;
     const info: DamRunInfo = {
-      models: recipe.models.map((m) => m.model),
+      models: folders,
       data: data.map((d) => d.description ?? ''),
       loss: { ...recipe.loss },
       optimizer: { kind: optimizer.kind, lr: recipe.train.lr, ...optimizer, max_grad_norm: recipe.train.maxGradNorm },
@@ -298,7 +327,7 @@ export async function runDam(recipe: DamRecipe, opts: RunDamOptions = {}): Promi
       overwrite: opts.overwrite,
       dtype: recipe.output.dtype,
       outShardSize: recipe.output.shardSize,
-      recipeYaml: opts.recipeYaml,
+      recipeYaml: opts.recipeYaml === undefined ? undefined : damRecipeAsRun(opts.recipeYaml, baseDir, { from: opts.recipeFile, steps: opts.steps, file: DAM_CONFIG }),
       info,
     });
     return { ...result, bake };

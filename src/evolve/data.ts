@@ -94,6 +94,26 @@ export function resolveTextData(v: z.output<typeof textDataSchema>, baseDir?: st
   return out;
 }
 
+/** A spec in its YAML form (snake_case keys), the inverse of `resolveTextData`. */
+export function textDataYaml(s: TextDataSpec): Record<string, unknown> {
+  const out: Record<string, unknown> = { path: s.path };
+  if (s.format !== undefined) out['format'] = s.format;
+  if (s.txtMode !== undefined) out['txt_mode'] = s.txtMode;
+  if (s.textFields !== undefined) out['text_fields'] = [...s.textFields];
+  if (s.textSeparator !== undefined) out['text_separator'] = s.textSeparator;
+  if (s.header !== undefined) out['header'] = s.header;
+  if (s.replace !== undefined) out['replace'] = s.replace.map(([a, b]) => [a, b]);
+  if (s.collapseWhitespace !== undefined) out['collapse_whitespace'] = s.collapseWhitespace;
+  if (s.strip !== undefined) out['strip'] = s.strip;
+  if (s.rows !== undefined) out['rows'] = [s.rows[0], s.rows[1]];
+  if (s.fraction !== undefined) out['fraction'] = [s.fraction[0], s.fraction[1]];
+  if (s.window !== undefined) out['window'] = s.window;
+  if (s.count !== undefined) out['count'] = s.count;
+  if (s.maxLength !== undefined) out['max_length'] = s.maxLength;
+  if (s.name !== undefined) out['name'] = s.name;
+  return out;
+}
+
 function sliceIndex(v: number | null, n: number, open: number): number {
   if (v === null) return open;
   return Math.max(0, Math.min(n, v < 0 ? n + v : v));

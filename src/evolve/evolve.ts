@@ -6,7 +6,6 @@
  */
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { stringify as stringifyYaml } from 'yaml';
 import { AmalgamError } from '../errors.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { saveModelFolder } from '../train/checkpoint.js';
@@ -15,7 +14,7 @@ import { loadTextSequences, textDataName, type TextDataSpec } from './data.js';
 import { scoreDomains, type DomainScores, type EvalSet } from './fitness.js';
 import { GroupedMerge, type GenomeEntry } from './merge.js';
 import { loadMergeModels } from './models.js';
-import type { EvolveRecipe } from './recipe.js';
+import { evolveRecipeAsRun, type EvolveRecipe } from './recipe.js';
 
 export interface EvolveOptions {
   /** 'nll' (default): minimise the mean validation NLL; 'accuracy': maximise the mean next-token accuracy. */
@@ -140,12 +139,17 @@ export async function loadEvalSets(specs: readonly TextDataSpec[], tokenizerDir:
   return out;
 }
 
+/** The recipe as run, in the output folder. */
+export const EVOLVE_CONFIG = 'evolve_config.yml';
+
 export interface RunEvolveOptions {
   /** Write the best merge here (a Hugging Face folder plus evolve.json). */
   outDir?: string;
   overwrite?: boolean;
-  /** The recipe text, copied into the output as evolve_config.yml. */
+  /** The recipe text, written into the output as evolve_config.yml with absolute paths and `evaluations` applied. */
   recipeYaml?: string;
+  /** The recipe's file, named in evolve_config.yml. */
+  recipeFile?: string;
   /** Override the recipe's budget. */
   evaluations?: number;
   onEval?: (e: EvolveEvalInfo) => void;
@@ -212,7 +216,7 @@ export async function runEvolve(recipe: EvolveRecipe, opts: RunEvolveOptions = {
       if (opts.outDir) {
         result.outDir = await saveModelFolder(merge.model, tokDir, opts.outDir, { dtype: recipe.output.dtype, overwrite: opts.overwrite });
         await writeFile(join(result.outDir, 'evolve.json'), JSON.stringify(result, null, 2) + '\n');
-        await writeFile(join(result.outDir, 'evolve_config.yml'), opts.recipeYaml ?? stringifyYaml(recipe));
+        await writeFile(join(result.outDir, EVOLVE_CONFIG), evolveRecipeAsRun(recipe, { text: opts.recipeYaml, from: opts.recipeFile, evaluations: opts.evaluations, file: EVOLVE_CONFIG }));
       }
       return result;
     } finally {

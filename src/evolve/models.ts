@@ -15,6 +15,10 @@ async function isDirectory(p: string): Promise<boolean> {
   try {
     return (await stat(p)).isDirectory();
   } catch (e) {
+    const code = (e as NodeJS.ErrnoException)?.code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') {
+      throw new AmalgamError('E_IO', 'the model does not exist', { file: p, hint: 'give a Hugging Face model folder, or a GGUF or llama2.c file', cause: e });
+    }
     throw new AmalgamError('E_IO', `cannot read the model: ${(e as Error).message}`, { file: p, cause: e });
   }
 }
@@ -53,8 +57,9 @@ export interface LoadedMergeModels {
   dispose(): void;
 }
 
-/** Loads the base (optional) and the models on one new backend. */
+/** Loads the base (optional) and the models on one new backend, once every path is known to exist. */
 export async function loadMergeModels(basePath: string | null, paths: readonly string[], names?: readonly (string | undefined)[]): Promise<LoadedMergeModels> {
+  for (const p of basePath ? [basePath, ...paths] : paths) await isDirectory(p);
   const backend = defaultBackend();
   const loaded: LlamaModel[] = [];
   try {

@@ -23,11 +23,11 @@
  */
 import { readFile } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
-import { parse as parseYaml } from 'yaml';
+import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { z } from 'zod';
 import { AmalgamError } from '../errors.js';
 import { parseFloatDType, type FloatDType } from '../tensor/dtype.js';
-import { resolveTextData, textDataSchema, type TextDataSpec } from './data.js';
+import { resolveTextData, textDataSchema, textDataYaml, type TextDataSpec } from './data.js';
 import { EVOLVE_METHODS, type EvolveMethod } from './merge.js';
 
 export interface ModelRef {
@@ -132,6 +132,83 @@ export function resolveEvolveRecipe(value: unknown, baseDir = '.', file?: string
     evalBatchSize: v.eval_batch_size,
     output: { ...(v.output.dtype !== undefined ? { dtype: parseDtypeKey(v.output.dtype, 'output.dtype', file) } : {}) },
   };
+}
+
+/** A YAML mapping as a plain object (an empty one for anything else). */
+function asObject(v: unknown): Record<string, unknown> {
+  return v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Record<string, unknown>) : {};
+}
+
+/**
+ * The recipe of a run, as written into its output folder (`*_config.yml`): the recipe text's
+ * values with `edit` applied (paths made absolute, command-line overrides set), under a comment
+ * that says so. The text's own comments are not kept. `overrides` lists the command-line options
+ * applied, e.g. `--steps 10`.
+ */
+export function recipeAsRun(text: string, edit: (v: Record<string, unknown>) => void, o: { command: string; file: string; from?: string; overrides?: string[] }): string {
+  const v = asObject(parseYamlText(text, o.from));
+  edit(v);
+  const header = [`# The recipe of this run${o.from ? ` (${o.from})` : ''}, with every path made absolute${o.overrides?.length ? '' : '.'}`];
+  if (o.overrides?.length) header.push(`# and the command-line options applied: ${o.overrides.join(' ')}.`);
+  header.push(`# Run it again from any folder: amalgam ${o.command} path/to/${o.file} --out DIR`);
+  return `${header.join('\n')}\n${stringifyYaml(v, { lineWidth: 0 })}`;
+}
+
+/** Sets each entry of the list `v[key]` to its resolved path: a plain string, or the mapping's `field`. */
+export function setListPaths(v: Record<string, unknown>, key: string, field: string, paths: readonly string[]): void {
+  const list = v[key];
+  if (!Array.isArray(list)) return;
+  v[key] = list.map((e, i) => (i >= paths.length ? e : typeof e === 'string' ? paths[i] : { ...asObject(e), [field]: paths[i] }));
+}
+
+/** Sets `v[section][key]`, creating the section. */
+export function setIn(v: Record<string, unknown>, section: string, key: string, value: unknown): void {
+  v[section] = { ...asObject(v[section]), [key]: value };
+}
+
+/**
+ * `evolve_config.yml`: the recipe text (or, without one, the resolved recipe) with every model and
+ * data path absolute, as resolved for the run, and the evaluation budget of the command line.
+ */
+export function evolveRecipeAsRun(recipe: EvolveRecipe, opts: { text?: string; from?: string; evaluations?: number; file: string }): string {
+  const text = opts.text ?? stringifyYaml(evolveRecipeYaml(recipe));
+  return recipeAsRun(
+    text,
+    (v) => {
+      if (typeof v['base_model'] === 'string' && recipe.baseModel !== null) v['base_model'] = recipe.baseModel;
+      setListPaths(v, 'models', 'model', recipe.models.map((m) => m.path));
+      setListPaths(v, 'data', 'path', recipe.data.map((d) => d.path));
+      setListPaths(v, 'test', 'path', recipe.test.map((d) => d.path));
+      if (opts.evaluations !== undefined) setIn(v, 'cma', 'evaluations', opts.evaluations);
+    },
+    { command: 'evolve', file: opts.file, from: opts.from, overrides: opts.evaluations !== undefined ? [`--evaluations ${opts.evaluations}`] : [] },
+  );
+}
+
+/** A resolved recipe in its YAML form (snake_case keys), for runs given no recipe text. */
+export function evolveRecipeYaml(r: EvolveRecipe): Record<string, unknown> {
+  return {
+    base_model: r.baseModel,
+    models: r.models.map(modelRefYaml),
+    merge_method: r.method,
+    layer_granularity: r.layerGranularity,
+    non_layer: r.nonLayer,
+    normalize: r.normalize ?? null,
+    lambda: r.lambda,
+    allow_negative_weights: r.allowNegativeWeights,
+    bounds: { weight: [...r.bounds.weight], density: [...r.bounds.density] },
+    fitness: r.fitness,
+    data: r.data.map(textDataYaml),
+    test: r.test.map(textDataYaml),
+    cma: { evaluations: r.cma.evaluations, sigma0: r.cma.sigma0, popsize: r.cma.popsize ?? null, boundary: r.cma.boundary, seed: r.cma.seed },
+    eval_batch_size: r.evalBatchSize,
+    output: r.output.dtype !== undefined ? { dtype: r.output.dtype } : {},
+  };
+}
+
+/** A model reference in its YAML form: the path, or `{model, name}`. */
+export function modelRefYaml(m: ModelRef): string | { model: string; name: string } {
+  return m.name !== undefined ? { model: m.path, name: m.name } : m.path;
 }
 
 export function parseYamlText(text: string, file?: string): unknown {
