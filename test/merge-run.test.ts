@@ -236,7 +236,10 @@ test('model card, configuration copies and tokenizer files', async () => {
     'tokenizer_config.json',
   ]);
   assert.equal(await readFile(join(r.outDir, 'mergekit_config.yml'), 'utf8'), yaml);
-  assert.equal(await readFile(join(r.outDir, 'amalgam_config.yml'), 'utf8'), yaml);
+  const own = await readFile(join(r.outDir, 'amalgam_config.yml'), 'utf8');
+  assert.ok(own.endsWith(yaml), own);
+  assert.deepEqual(parseYaml(own), parseYaml(yaml));
+  assert.match(own, /^# Merged by amalgam .* with:\n#   models read from:\n#     base: .*\/base\n#     a: .*\/a\n#     b: .*\/b\n# my merge\n/);
   assert.equal(await readFile(join(r.outDir, 'tokenizer.json'), 'utf8'), await readFile(join(dir, 'base', 'tokenizer.json'), 'utf8'));
   const card = await readFile(join(r.outDir, 'README.md'), 'utf8');
   const m = /^---\n([\s\S]*?)\n---\n/.exec(card);
@@ -364,6 +367,7 @@ test('the model card of a randomized merge records its random seed', async () =>
   const r = await merge(yaml, 'dare-card', { randomSeed: 7 });
   const card = await readFile(join(r.outDir, 'README.md'), 'utf8');
   assert.match(card, /drawn with random seed 7 \(`amalgam merge --random-seed 7` reproduces this model\)/);
+  assert.match(await readFile(join(r.outDir, 'amalgam_config.yml'), 'utf8'), /^#   random seed: 7 \(amalgam merge --random-seed 7\)$/m);
   const plain = await merge('merge_method: linear\nmodels:\n  - {model: f1, parameters: {weight: 1}}\n  - {model: f2, parameters: {weight: 1}}\n', 'linear-card', { randomSeed: 7 });
   assert.doesNotMatch(await readFile(join(plain.outDir, 'README.md'), 'utf8'), /random seed/);
 });

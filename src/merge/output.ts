@@ -89,6 +89,19 @@ export function modelCard(plan: MergePlan, opts: { name: string }): string {
  * Writes config.json, the configuration copies, the model card and the tokenizer files into
  * `dir` (the staging folder). Returns the names written.
  */
+/**
+ * `amalgam_config.yml`: the configuration as given, after comments that record what else decided
+ * the result, so the output folder says how to merge it again: the random seed, and the folder
+ * each model reference was read from (relative references depend on where the merge ran).
+ */
+export function amalgamConfigText(plan: MergePlan, yamlText: string): string {
+  const lines = [`# Merged by amalgam ${AMALGAM_VERSION} from the configuration below (also in mergekit_config.yml), with:`];
+  if (plan.randomSeed !== null) lines.push(`#   random seed: ${plan.randomSeed} (amalgam merge --random-seed ${plan.randomSeed})`);
+  lines.push('#   models read from:');
+  for (const m of plan.models) lines.push(`#     ${m.id}: ${m.path}${m.adapter !== undefined ? ` + adapter ${m.adapter}` : ''}`);
+  return lines.join('\n') + '\n' + yamlText;
+}
+
 export async function writeOutputFiles(
   plan: MergePlan,
   dir: string,
@@ -107,7 +120,7 @@ export async function writeOutputFiles(
   await put('config.json', outputConfigJson(plan));
   const yamlText = plan.configYaml.endsWith('\n') ? plan.configYaml : plan.configYaml + '\n';
   await put('mergekit_config.yml', yamlText);
-  await put('amalgam_config.yml', yamlText);
+  await put('amalgam_config.yml', amalgamConfigText(plan, yamlText));
   if (opts.writeModelCard ?? true) {
     await put('README.md', modelCard(plan, { name: opts.name ?? basename(dir) }));
   }
