@@ -107,6 +107,11 @@ test('errors name the file and exit with status 1, without a stack trace', () =>
   assert.equal(r.code, 1);
   assert.match(r.stderr, /^amalgam: error: .*no-such-model: no such file or folder/);
   assert.doesNotMatch(r.stderr, /\n\s+at /);
+  for (const bad of ['-1', 'abc']) {
+    const l = amalgam('inspect', join(REPO_ROOT, 'no-such-model'), '--limit', bad);
+    assert.equal(l.code, 1);
+    assert.match(l.stderr, new RegExp(`^amalgam: error: --limit must be an integer ≥ 0, got "${bad}"`));
+  }
 });
 
 test('convert + inspect on the stories260K fixtures', (t) => {

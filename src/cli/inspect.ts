@@ -1,5 +1,6 @@
 import type { Command } from 'commander';
 import { inspectPath, type InspectReport } from '../inspect.js';
+import { parseInteger } from '../train/options.js';
 
 export function registerInspect(program: Command): void {
   program
@@ -7,7 +8,7 @@ export function registerInspect(program: Command): void {
     .description('Describe a checkpoint: a safetensors file, a Hugging Face model folder, a GGUF or llama2.c file, or a PEFT adapter folder.')
     .argument('<path>', 'file or folder to inspect')
     .option('--json', 'print one JSON object instead of tables')
-    .option('--limit <n>', 'show at most this many tensor rows (0 = all)', (v) => parseInt(v, 10), 40)
+    .option('--limit <n>', 'show at most this many tensor rows (0 = all)', (v) => parseInteger(v, '--limit', 0), 40)
     .action(async (path: string, opts: { json?: boolean; limit: number }) => {
       const report = await inspectPath(path);
       if (opts.json) process.stdout.write(JSON.stringify(report, null, 2) + '\n');
