@@ -118,6 +118,7 @@ export async function run(args: string[]): Promise<void> {
   }
   const seeds = values.seeds!.split(',').map((s) => Number(s.trim()));
   if (seeds.some((s) => !Number.isSafeInteger(s) || s < 0)) throw usageError(`--seeds must list non-negative integers, got "${values.seeds}"`);
+  if (new Set(seeds).size !== seeds.length) throw usageError(`--seeds lists a seed twice: "${values.seeds}"`);
   const steps = values.steps === undefined ? 250 : Number(values.steps);
   if (!Number.isSafeInteger(steps) || steps < 1) throw usageError(`--steps must be a positive integer, got "${values.steps}"`);
   const clip = Number(values.clip);
