@@ -14,11 +14,11 @@
  * recorded folder can still be read.
  */
 import { createHash } from 'node:crypto';
-import { realpath, stat, writeFile } from 'node:fs/promises';
+import { stat, writeFile } from 'node:fs/promises';
 import { basename, isAbsolute, join, resolve } from 'node:path';
 import { stringify as stringifyYaml } from 'yaml';
 import { AmalgamError } from '../errors.js';
-import { copyFileWritable, withStagingDir } from '../io/atomic-dir.js';
+import { copyFileWritable, realOrResolved, withStagingDir } from '../io/atomic-dir.js';
 import { getConfigDtype, HF_EXTRA_FILES, readHfConfig, setConfigDtype } from '../io/hf.js';
 import { canReadRawInto, openSafetensors, ShardedSafetensorsWriter, writeSafetensorsFile, type TensorData } from '../io/safetensors.js';
 import { FileByteReader, ioError, type TensorSource } from '../io/source.js';
@@ -403,15 +403,6 @@ export interface DamBakeFromMergersOptions extends DamBakeOptions {
 /** A DAM coefficient tensor's name: `{module}.mergers.{i}` or `{module}.bias_mergers.{i}`. */
 const COEFFICIENT_NAME = /\.(bias_)?mergers\.\d+$/;
 
-/** The real path of a folder, or its absolute path where it cannot be resolved. */
-async function realOrAbsolute(p: string): Promise<string> {
-  try {
-    return await realpath(p);
-  } catch {
-    return resolve(p);
-  }
-}
-
 function folderName(p: string): string {
   return basename(p.replace(/[\\/]+$/, ''));
 }
@@ -438,8 +429,8 @@ async function checkRecordedSources(
   const recordedFps = recordedFingerprints(md, n);
   if (!paths && !recordedFps) return [];
   const given = dirs.map((d) => resolve(d));
-  const givenReal = await Promise.all(dirs.map(realOrAbsolute));
-  const recordedReal = paths ? await Promise.all(paths.map(realOrAbsolute)) : null;
+  const givenReal = await Promise.all(dirs.map(realOrResolved));
+  const recordedReal = paths ? await Promise.all(paths.map(realOrResolved)) : null;
   const moved = givenReal.map((g, i) => recordedReal !== null && g !== recordedReal[i]);
   const want: (string | null)[] = [];
   for (let i = 0; i < n; i++) want.push(recordedFps?.[i] ?? (moved[i] ? await folderFingerprint(recordedReal![i]!) : null));

@@ -18,7 +18,7 @@ export interface StagingDirOptions {
 }
 
 /** The real path of `p` (links resolved), or its absolute path where it does not exist. */
-async function realOrResolved(p: string): Promise<string> {
+export async function realOrResolved(p: string): Promise<string> {
   try {
     return await realpath(p);
   } catch {
