@@ -372,6 +372,26 @@ test('the model card of a randomized merge records its random seed', async () =>
   assert.doesNotMatch(await readFile(join(plain.outDir, 'README.md'), 'utf8'), /random seed/);
 });
 
+test('float16 outputs that overflow are reported in one warning naming the tensors', async () => {
+  const yaml = 'merge_method: task_arithmetic\nbase_model: f1\nmodels:\n  - {model: f2, parameters: {weight: 1}}\nparameters: {lambda: 1.0e+6}\nout_dtype: float16\n';
+  const warnings: string[] = [];
+  const r = await merge(yaml, 'f16-overflow', { onWarning: (w) => warnings.push(w) });
+  const overflow = warnings.filter((w) => /float16/.test(w));
+  assert.equal(overflow.length, 1, warnings.join('\n'));
+  const m = /^(\d+) tensors hold ±inf or NaN in float16, whose largest finite magnitude is 65504: model\.embed_tokens\.weight \((\d+) of (\d+)\), .* and \d+ more; write bfloat16 or float32 \(out_dtype\) to keep them finite$/.exec(overflow[0]!);
+  assert.ok(m, overflow[0]);
+  assert.ok(Number(m[1]) > 5);
+  assert.deepEqual(r.execution!.warnings.filter((w) => /float16/.test(w)), overflow);
+  // The count is the number of values written that are not finite.
+  await withSources([r.outDir], async ([out]) => {
+    const data = await out!.readF32('model.embed_tokens.weight');
+    assert.equal(data.length, Number(m[3]));
+    assert.equal(data.filter((x) => !Number.isFinite(x)).length, Number(m[2]));
+  });
+  const fine = await merge(yaml.replace('1.0e+6', '0.5'), 'f16-fine');
+  assert.ok(!fine.execution!.warnings.some((w) => /float16/.test(w)));
+});
+
 test('--dry-run prints the plan and writes nothing', () => {
   const cfg = join(dir, 'dry.yml');
   return writeFile(cfg, 'merge_method: ties\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 1, density: 0.5}}\n').then(async () => {

@@ -497,6 +497,14 @@ function checkInputs(plan: MergePlan, sources: Map<string, TensorSource>): void 
   }
 }
 
+/** How many float16 values (bit patterns) in `bytes` are ±inf or NaN (exponent bits all set). */
+export function nonFiniteF16(bytes: Uint8Array): number {
+  const v = new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength >>> 1);
+  let n = 0;
+  for (let i = 0; i < v.length; i++) if ((v[i]! & 0x7c00) === 0x7c00) n++;
+  return n;
+}
+
 /** The folders a merge reads: every model and every adapter applied to one. */
 export function planInputs(plan: MergePlan): string[] {
   return plan.models.flatMap((m) => (m.adapter !== undefined ? [m.path, m.adapter] : [m.path]));
@@ -527,6 +535,8 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
     throw e;
   }
   const warningsByTensor = new Map<number, string[]>();
+  /** Per float16 tensor holding ±inf or NaN: its name and how many. */
+  const overflowed = new Map<number, string>();
   let bytesRead = 0;
   let bytesWritten = 0;
   let done = 0;
@@ -643,6 +653,8 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               // SharedArrayBuffer object over the same memory: view the pooled (page-aligned) one.
               result.bytes = new Uint8Array(outBuffer, result.bytes.byteOffset, result.bytes.byteLength);
             }
+            const overflow = t.dtype === 'F16' ? nonFiniteF16(result.bytes) : 0;
+            if (overflow) overflowed.set(t.index, `${t.name} (${overflow} of ${result.bytes.byteLength / 2})`);
             if (result.warnings.length) {
               warningsByTensor.set(t.index, result.warnings);
               for (const w of result.warnings) opts.onWarning?.(w);
@@ -714,6 +726,13 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
   }
 
   const warnings = [...warningsByTensor.entries()].sort((a, b) => a[0] - b[0]).flatMap(([, w]) => w);
+  if (overflowed.size) {
+    const names = [...overflowed.entries()].sort((a, b) => a[0] - b[0]).map(([, s]) => s);
+    const shown = names.slice(0, 5).join(', ') + (names.length > 5 ? ` and ${names.length - 5} more` : '');
+    const w = `${names.length} tensor${names.length === 1 ? '' : 's'} hold ±inf or NaN in float16, whose largest finite magnitude is 65504: ${shown}; write bfloat16 or float32 (out_dtype) to keep them finite`;
+    warnings.push(w);
+    opts.onWarning?.(w);
+  }
   return {
     outDir,
     files: [...weightFiles, ...otherFiles],
