@@ -59,9 +59,13 @@ export class StagingDir {
     await refuseReplacingInputs(abs, opts.inputs ?? []);
     await checkTarget(abs, !!opts.overwrite);
     const parent = dirname(abs);
-    await mkdir(parent, { recursive: true });
     const path = join(parent, `.${basename(abs)}.partial-${process.pid}-${randomBytes(4).toString('hex')}`);
-    await mkdir(path);
+    try {
+      await mkdir(parent, { recursive: true });
+      await mkdir(path);
+    } catch (e) {
+      throw cannotCreate(abs, e);
+    }
     return new StagingDir(abs, path, !!opts.overwrite, opts.inputs ?? []);
   }
 
@@ -92,6 +96,30 @@ export class StagingDir {
     this.done = true;
     await rm(this.path, { recursive: true, force: true });
   }
+}
+
+/** Why an output folder cannot be made, naming the folder asked for (not the staging folder). */
+function cannotCreate(target: string, e: unknown): AmalgamError {
+  const code = (e as NodeJS.ErrnoException)?.code;
+  const why =
+    code === 'EACCES' || code === 'EPERM'
+      ? 'permission denied: the output folder cannot be created there'
+      : code === 'ENOTDIR' || code === 'EEXIST'
+        ? 'the output folder cannot be created: a part of its path is a file, not a folder'
+        : code === 'EROFS'
+          ? 'the output folder cannot be created: the file system is read-only'
+          : code === 'ENOSPC'
+            ? 'the output folder cannot be created: no space left on the device'
+            : `the output folder cannot be created: ${(e as Error)?.message ?? String(e)}`;
+  return new AmalgamError('E_IO', why, { file: target, hint: 'choose an output path in a folder you can write', cause: e });
+}
+
+/**
+ * Checks, before a long job, that its output folder can be written as `withStagingDir` will:
+ * the same checks (inputs, existing folder), and a staging folder made and removed again.
+ */
+export async function checkOutputFolder(target: string, opts: StagingDirOptions = {}): Promise<void> {
+  await (await StagingDir.create(target, opts)).abort();
 }
 
 async function exists(p: string): Promise<boolean> {
