@@ -398,6 +398,10 @@ test('without a tokenizer configuration, the common-submatrix cut sets vocab_siz
   const cfg = await readJson(join(r.outDir, 'config.json'));
   assert.equal(cfg.vocab_size, 8, 'the donor x had 10');
   assert.ok(warnings.some((w) => w.includes('common submatrix [8, 16]') && w.includes('vocab_size')));
+  // Said once per cut tensor (when planning), not again by the method nor as a separate summary.
+  const cut = r.plan.tensors.filter((t) => t.isEmbed && t.inputs.some((i) => i.shape[0] !== t.shape[0])).map((t) => t.name);
+  assert.ok(cut.length > 0);
+  assert.deepEqual(warnings.filter((w) => /common submatrix|vocab_size/.test(w)).map((w) => w.slice(0, w.indexOf(':'))).sort(), cut.sort());
   const got = (await tensorsOf('cut', [EMBED])).get(EMBED)!;
   assert.equal(got.length, 8 * WIDTH);
   const x = (await tensorsOf('x', [EMBED])).get(EMBED)!;

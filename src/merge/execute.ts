@@ -655,6 +655,9 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
             }
             const overflow = t.dtype === 'F16' ? nonFiniteF16(result.bytes) : 0;
             if (overflow) overflowed.set(t.index, `${t.name} (${overflow} of ${result.bytes.byteLength / 2})`);
+            // The plan has already said, with the vocab_size it sets, that an embedding is cut to
+            // the common submatrix; the method says it again when it cuts.
+            result.warnings = result.warnings.filter((w) => !w.startsWith(`${t.name}: using the common submatrix `));
             if (result.warnings.length) {
               warningsByTensor.set(t.index, result.warnings);
               for (const w of result.warnings) opts.onWarning?.(w);

@@ -984,8 +984,8 @@ async function buildPlan(
   if (vocab) {
     setDotted(outputConfig, vocabKey, vocab.rowCount);
   } else if (truncatedRows !== undefined && donorVocab !== truncatedRows) {
+    // Each cut embedding has said so, with the vocab_size it sets.
     setDotted(outputConfig, vocabKey, truncatedRows);
-    warn(`${vocabKey} of the output config is set to ${truncatedRows} (the embedding rows written); the copied tokenizer may not match the truncated vocabulary`);
   }
   const tiedDefs = [...def.pre, ...def.post].filter((w) => w.optional && (w.tiedNames ?? []).length);
   if (tiedDefs.length) {
