@@ -47,6 +47,7 @@ export function registerEval(program: Command): void {
       adapter: o.adapter,
       truncationSide: side,
       dataset: datasetOptions(o),
+      onWarning: (m) => process.stderr.write(`amalgam: warning: ${m}\n`),
     });
     process.stdout.write((o.json ? JSON.stringify(report) : formatEvalReport(report)) + '\n');
   });

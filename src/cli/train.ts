@@ -122,6 +122,8 @@ export function registerTrain(program: Command): void {
       dtype: parseDtypeOption(o.dtype),
       overwrite: o.overwrite,
       dataset: datasetOptions(o),
+      // With --json the warnings are part of the printed result.
+      onWarning: o.json ? undefined : (m) => process.stderr.write(`amalgam: warning: ${m}\n`),
       progress: !o.quiet && tty,
       onEval: o.quiet
         ? undefined

@@ -6,7 +6,11 @@
  * - `.tsv`: text and label columns, with or without a header row (detected by default).
  *
  * Labels become class indices: integers are kept; strings are mapped through `labelNames` when
- * given, otherwise through their sorted distinct values.
+ * given, otherwise through their sorted distinct values. A negative integer label marks an
+ * unlabelled example (as the classification loss ignores negative labels): it is left out where
+ * labels are required and read without a label otherwise. Empty labels (where labels are
+ * required), non-integer numbers, and integer labels mixed with names are errors that name the
+ * line.
  */
 import { readFile } from 'node:fs/promises';
 import { extname } from 'node:path';
@@ -26,6 +30,11 @@ export interface TextDataset {
   labelNames?: string[];
   /** Number of classes (max label + 1, or labelNames.length); 0 when unlabelled. */
   numClasses: number;
+  /**
+   * Lines (1-based) whose label is a negative integer: unlabelled examples, left out when labels
+   * are required and read without a label otherwise.
+   */
+  negativeLabelLines?: number[];
 }
 
 export type DatasetFormat = 'txt' | 'jsonl' | 'tsv';
@@ -53,6 +62,11 @@ export interface ReadDatasetOptions {
   header?: boolean | 'auto';
   /** Class names in label order; string labels are looked up here. */
   labelNames?: string[];
+  /**
+   * What `labelNames` are the classes of, for errors about integer labels out of range (e.g.
+   * "the model's 2-class head"); default: "the N label names given".
+   */
+  labelNamesOf?: string;
 }
 
 /** Format of a dataset file from its extension. */
@@ -78,7 +92,10 @@ export async function readDataset(path: string, opts: ReadDatasetOptions = {}): 
   }
   if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
   const ds = format === 'txt' ? parseTxt(text, opts, path) : format === 'jsonl' ? parseJsonl(text, opts, path) : parseTsv(text, opts, path);
-  if (ds.examples.length === 0) throw new AmalgamError('E_FORMAT', 'the dataset holds no examples', { file: path });
+  if (ds.examples.length === 0) {
+    const neg = ds.negativeLabelLines?.length;
+    throw new AmalgamError('E_FORMAT', neg ? `the dataset holds no labelled examples: all ${neg} have a negative (unlabelled) label` : 'the dataset holds no examples', { file: path });
+  }
   return ds;
 }
 
@@ -114,37 +131,100 @@ export function parseTxt(text: string, opts: Pick<ReadDatasetOptions, 'txtMode' 
 
 type RawLabel = string | number;
 
-/** Turn raw label values into class indices. */
-function resolveLabels(raw: (RawLabel | undefined)[], labelNames: string[] | undefined, file: string, where: (i: number) => string): { labels: (number | undefined)[]; labelNames?: string[]; numClasses: number } {
-  const present = raw.filter((v): v is RawLabel => v !== undefined);
-  if (present.length === 0) return { labels: raw.map(() => undefined), labelNames, numClasses: labelNames?.length ?? 0 };
-  const isInt = (v: RawLabel) => (typeof v === 'number' ? Number.isSafeInteger(v) && v >= 0 : /^\s*\d+\s*$/.test(v));
+/** How a raw label reads: a class index, a negative integer, another number, or a name. */
+type LabelKind = 'index' | 'negative' | 'number' | 'name';
+
+const NUMBER_RE = /^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i;
+
+function labelKind(v: RawLabel): LabelKind {
+  if (typeof v === 'number') return Number.isSafeInteger(v) ? (v >= 0 ? 'index' : 'negative') : 'number';
+  const s = v.trim();
+  if (/^\d+$/.test(s)) return 'index';
+  if (/^-\d+$/.test(s)) return 'negative';
+  return NUMBER_RE.test(s) ? 'number' : 'name';
+}
+
+function showLabel(v: RawLabel): string {
+  return typeof v === 'number' ? String(v) : JSON.stringify(v.trim());
+}
+
+/**
+ * Turn raw label values into class indices. Negative integer labels give `undefined` and are
+ * listed in `negative` (indices into `raw`).
+ */
+function resolveLabels(
+  raw: (RawLabel | undefined)[],
+  opts: Pick<ReadDatasetOptions, 'labelNames' | 'labelNamesOf'>,
+  file: string,
+  where: (i: number) => string,
+): { labels: (number | undefined)[]; labelNames?: string[]; numClasses: number; negative: number[] } {
+  const labelNames = opts.labelNames;
+  const kinds = raw.map((v) => (v === undefined ? undefined : labelKind(v)));
+  const negative = kinds.flatMap((k, i) => (k === 'negative' ? [i] : []));
+  const present = kinds.flatMap((k, i) => (k !== undefined && k !== 'negative' ? [i] : []));
+  if (present.length === 0) return { labels: raw.map(() => undefined), labelNames, numClasses: labelNames?.length ?? 0, negative };
   if (labelNames) {
     const index = new Map(labelNames.map((n, i) => [n, i]));
+    const n = labelNames.length;
     const labels = raw.map((v, i) => {
-      if (v === undefined) return undefined;
-      const s = typeof v === 'string' ? v.trim() : String(v);
-      const named = index.get(s);
+      if (v === undefined || kinds[i] === 'negative') return undefined;
+      const named = index.get(typeof v === 'string' ? v.trim() : String(v));
       if (named !== undefined) return named;
-      if (isInt(v) && Number(s) < labelNames.length) return Number(s);
-      throw new AmalgamError('E_FORMAT', `${where(i)}: label ${JSON.stringify(v)} is not one of ${JSON.stringify(labelNames)}`, { file });
+      if (kinds[i] === 'index') {
+        const k = Number(typeof v === 'string' ? v.trim() : v);
+        if (k < n) return k;
+        throw new AmalgamError('E_FORMAT', `${where(i)}: label ${k} is out of range for ${opts.labelNamesOf ?? `the ${n} label names given`} (class indices 0 to ${n - 1})`, {
+          file,
+          hint: labelNames.every((name, j) => name === `LABEL_${j}`) ? 'integer labels are class indices' : `integer labels are class indices; the classes are ${labelNames.join(', ')}`,
+        });
+      }
+      throw new AmalgamError('E_FORMAT', `${where(i)}: label ${showLabel(v)} is not one of ${JSON.stringify(labelNames)}`, { file });
     });
-    return { labels, labelNames, numClasses: labelNames.length };
+    return { labels, labelNames, numClasses: n, negative };
   }
-  if (present.every(isInt)) {
-    const labels = raw.map((v) => (v === undefined ? undefined : Number(typeof v === 'string' ? v.trim() : v)));
+  const fractional = present.find((i) => kinds[i] === 'number');
+  if (fractional !== undefined) {
+    throw new AmalgamError('E_FORMAT', `${where(fractional)}: label ${showLabel(raw[fractional]!)} is a number but not an integer class index`, {
+      file,
+      hint: 'classification labels are class indices (0, 1, …) or class names; to use numbers as names, list them in order with --labels',
+    });
+  }
+  const firstIndex = present.find((i) => kinds[i] === 'index');
+  const firstName = present.find((i) => kinds[i] === 'name');
+  if (firstName === undefined) {
+    const labels = raw.map((v, i) => (v === undefined || kinds[i] === 'negative' ? undefined : Number(typeof v === 'string' ? v.trim() : v)));
     const max = labels.reduce<number>((m, l) => (l === undefined ? m : Math.max(m, l)), -1);
-    return { labels, numClasses: max + 1 };
+    return { labels, numClasses: max + 1, negative };
   }
-  for (let i = 0; i < raw.length; i++) {
-    const v = raw[i];
-    if (typeof v === 'number') {
-      throw new AmalgamError('E_FORMAT', `${where(i)}: label ${v} is a number but other labels are strings`, { file, hint: 'give the class names in order (labelNames / --labels)' });
-    }
+  if (firstIndex !== undefined) {
+    // Name the later of the two: the first label that breaks the pattern set before it.
+    const [a, b] = firstIndex < firstName ? [firstIndex, firstName] : [firstName, firstIndex];
+    const what = (i: number) => (kinds[i] === 'index' ? 'an integer class index' : 'a class name');
+    throw new AmalgamError('E_FORMAT', `${where(b)}: label ${showLabel(raw[b]!)} is ${what(b)} but ${where(a)} has ${what(a)} (${showLabel(raw[a]!)}); labels cannot mix the two`, {
+      file,
+      hint: 'make the labels all integers or all names, or list the class names in order with --labels',
+    });
   }
-  const names = [...new Set(present.map((v) => String(v).trim()))].sort();
+  const names = [...new Set(present.map((i) => String(raw[i]).trim()))].sort();
   const index = new Map(names.map((n, i) => [n, i]));
-  return { labels: raw.map((v) => (v === undefined ? undefined : index.get(String(v).trim()))), labelNames: names, numClasses: names.length };
+  return { labels: raw.map((v, i) => (v === undefined || kinds[i] === 'negative' ? undefined : index.get(String(v).trim()))), labelNames: names, numClasses: names.length, negative };
+}
+
+/** Examples from texts and resolved labels; negative-label examples are left out when labels are required. */
+function buildExamples(
+  texts: string[],
+  resolved: { labels: (number | undefined)[]; negative: number[] },
+  lineNos: number[],
+  requireLabels: boolean | undefined,
+): { examples: TextExample[]; negativeLabelLines?: number[] } {
+  const skip = new Set(requireLabels ? resolved.negative : []);
+  const examples: TextExample[] = [];
+  texts.forEach((t, i) => {
+    if (skip.has(i)) return;
+    const l = resolved.labels[i];
+    examples.push(l === undefined ? { text: t } : { text: t, label: l });
+  });
+  return resolved.negative.length ? { examples, negativeLabelLines: resolved.negative.map((i) => lineNos[i]!) } : { examples };
 }
 
 /** `.jsonl`: one object per non-blank line. */
@@ -188,18 +268,23 @@ export function parseJsonl(text: string, opts: ReadDatasetOptions = {}, file = '
     if (labelKey !== null && labelKey in obj) {
       const v = obj[labelKey];
       if (typeof v === 'boolean') lab = v ? 1 : 0;
-      else if (typeof v === 'number' || typeof v === 'string') lab = v;
-      else if (v !== null) throw new AmalgamError('E_FORMAT', `line ${line}: label ${JSON.stringify(v)} is not a number or string`, { file, key: labelKey });
+      else if (typeof v === 'number') lab = v;
+      else if (typeof v === 'string') {
+        if (v.trim() === '') {
+          if (opts.requireLabels) throw new AmalgamError('E_FORMAT', `line ${line}: the label is empty`, { file, key: labelKey, hint: 'give every example a label, or remove the line' });
+        } else lab = v;
+      } else if (v !== null) throw new AmalgamError('E_FORMAT', `line ${line}: label ${JSON.stringify(v)} is not a number or string`, { file, key: labelKey });
     }
     if (lab === undefined && opts.requireLabels) {
-      throw new AmalgamError('E_FORMAT', `line ${line}: no label field '${labelKey ?? ''}'`, { file, key: labelKey ?? undefined, hint: 'choose the label field (--label-field)' });
+      const why = labelKey !== null && labelKey in obj ? `label field '${labelKey}' is null` : `no label field '${labelKey ?? ''}'`;
+      throw new AmalgamError('E_FORMAT', `line ${line}: ${why}`, { file, key: labelKey ?? undefined, hint: 'choose the label field (--label-field)' });
     }
     raw.push(lab);
   }
   const lines1 = rows.map((r) => r.line);
-  const { labels, labelNames, numClasses } = resolveLabels(raw, opts.labelNames, file, (i) => `line ${lines1[i]}`);
-  const examples = texts.map((t, i) => (labels[i] === undefined ? { text: t } : { text: t, label: labels[i] }));
-  return { source: file, examples, labelNames, numClasses };
+  const resolved = resolveLabels(raw, opts, file, (i) => `line ${lines1[i]}`);
+  const { examples, negativeLabelLines } = buildExamples(texts, resolved, lines1, opts.requireLabels);
+  return { source: file, examples, labelNames: resolved.labelNames, numClasses: resolved.numClasses, ...(negativeLabelLines ? { negativeLabelLines } : {}) };
 }
 
 const HEADER_NAMES = new Set(['text', 'sentence', 'sentence1', 'sentence2', 'question', 'label', 'labels', 'index', 'idx', 'id', 'premise', 'hypothesis', 'content']);
@@ -271,12 +356,17 @@ export function parseTsv(text: string, opts: ReadDatasetOptions = {}, file = '<t
       throw new AmalgamError('E_FORMAT', `line ${line} has ${cells.length} columns, needs at least ${need + 1}`, { file });
     }
     texts.push(textCols.map((c) => cells[c]!.trim()).join(sep));
-    raw.push(labelCol === null ? undefined : cells[labelCol]!.trim());
+    const cell = labelCol === null ? undefined : cells[labelCol]!.trim();
+    if (cell === '' && opts.requireLabels) {
+      const name = header ? `column '${header[labelCol!]}'` : `column ${labelCol}, 0-based`;
+      throw new AmalgamError('E_FORMAT', `line ${line}: the label (${name}) is empty`, { file, hint: 'give every example a label, or remove the line' });
+    }
+    raw.push(cell === '' ? undefined : cell);
   }
   const lineNos = body.map((r) => r.line);
-  const { labels, labelNames, numClasses } = resolveLabels(raw, opts.labelNames, file, (i) => `line ${lineNos[i]}`);
-  const examples = texts.map((t, i) => (labels[i] === undefined ? { text: t } : { text: t, label: labels[i] }));
-  return { source: file, examples, labelNames, numClasses };
+  const resolved = resolveLabels(raw, opts, file, (i) => `line ${lineNos[i]}`);
+  const { examples, negativeLabelLines } = buildExamples(texts, resolved, lineNos, opts.requireLabels);
+  return { source: file, examples, labelNames: resolved.labelNames, numClasses: resolved.numClasses, ...(negativeLabelLines ? { negativeLabelLines } : {}) };
 }
 
 /** Split off the last `fraction` of the examples (in file order) as a held-out part. */

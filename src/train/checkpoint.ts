@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { AmalgamError } from '../errors.js';
 import { copyFileWritable, withStagingDir } from '../io/atomic-dir.js';
 import { HF_EXTRA_FILES, readJsonObject, setConfigDtype } from '../io/hf.js';
-import { readPeftAdapter } from '../io/peft.js';
+import { ADAPTER_CONFIG_FILE, readPeftAdapter } from '../io/peft.js';
 import { openSafetensors, ShardedSafetensorsWriter } from '../io/safetensors.js';
 import type { FloatDType } from '../tensor/dtype.js';
 import { addLoraDelta } from '../lora/apply.js';
@@ -32,8 +32,15 @@ export interface LoadedModel {
   hfConfig: Record<string, unknown>;
   /** Classification head from the folder's or the adapter's `score.weight`, if any. */
   head: SequenceClassificationHead | null;
-  /** Class names from config.json `id2label`, when present. */
+  /**
+   * Class names of `head`, in id order: from the adapter's `id2label` when the adapter brings the
+   * head, else from config.json `id2label`, when present.
+   */
   labelNames?: string[];
+  /** The file `labelNames` come from (config.json or adapter_config.json). */
+  labelNamesFile?: string;
+  /** Whether `head` comes from the adapter (rather than the folder's own score.weight). */
+  headFromAdapter?: boolean;
 }
 
 export interface LoadModelOptions extends ModelOptions {
@@ -52,9 +59,30 @@ export function labelNamesFromConfig(cfg: Record<string, unknown>): string[] | u
   return out.every((v) => v !== undefined) && out.length === entries.length ? out : undefined;
 }
 
+/** Whether the names are the defaults written for unnamed classes: LABEL_0, LABEL_1, … */
+export function isDefaultLabelNames(names: readonly string[]): boolean {
+  return names.every((n, i) => n === `LABEL_${i}`);
+}
+
+/**
+ * Whether class names read for the data (`--labels`, or the data's own sorted names) contradict
+ * the names recorded with a head: a different order or other names. The defaults LABEL_0,
+ * LABEL_1, … record no names and contradict nothing.
+ */
+export function labelNamesDiffer(used: readonly string[], recorded: readonly string[] | undefined): boolean {
+  if (!recorded || isDefaultLabelNames(recorded)) return false;
+  return used.length !== recorded.length || used.some((n, i) => n !== recorded[i]);
+}
+
+/** `id2label` and `label2id` entries for class names in id order. */
+export function labelMaps(names: readonly string[]): { id2label: Record<string, string>; label2id: Record<string, number> } {
+  return { id2label: Object.fromEntries(names.map((n, i) => [String(i), n])), label2id: Object.fromEntries(names.map((n, i) => [n, i])) };
+}
+
 /** Load a model folder, its classification head (if stored) and optionally a LoRA adapter. */
 export async function loadModel(dir: string, opts: LoadModelOptions = {}): Promise<LoadedModel> {
-  const hfConfig = await readJsonObject(join(dir, 'config.json'));
+  const configFile = join(dir, 'config.json');
+  const hfConfig = await readJsonObject(configFile);
   const model = await LlamaModel.fromFolder(dir, { backend: opts.backend });
   try {
     let head: SequenceClassificationHead | null = null;
@@ -67,8 +95,21 @@ export async function loadModel(dir: string, opts: LoadModelOptions = {}): Promi
     } finally {
       await src.close();
     }
-    if (opts.adapter) head = (await applyAdapter(model, opts.adapter)) ?? head;
-    return { model, hfConfig, head, labelNames: labelNamesFromConfig(hfConfig) };
+    let labelNames = labelNamesFromConfig(hfConfig);
+    let labelNamesFile = labelNames ? configFile : undefined;
+    let headFromAdapter = false;
+    if (opts.adapter) {
+      const adapterHead = await applyAdapter(model, opts.adapter);
+      if (adapterHead) {
+        // The folder's id2label, if any, names the classes of another head.
+        head = adapterHead;
+        headFromAdapter = true;
+        const adapterConfigFile = join(opts.adapter, ADAPTER_CONFIG_FILE);
+        labelNames = labelNamesFromConfig(await readJsonObject(adapterConfigFile));
+        labelNamesFile = labelNames ? adapterConfigFile : undefined;
+      }
+    }
+    return { model, hfConfig, head, labelNames, labelNamesFile, headFromAdapter };
   } catch (e) {
     model.dispose();
     throw e;
@@ -134,10 +175,16 @@ export interface SaveModelOptions {
   configUpdates?: Record<string, unknown>;
 }
 
+/** Keys of a sequence-classification config.json that describe its score head. */
+const CLASSIFIER_CONFIG_KEYS = ['num_labels', 'id2label', 'label2id', 'problem_type'];
+
 /**
  * Write the model as a Hugging Face folder: config.json (the source's, with dtype and, for a
  * classifier, architectures / num_labels / id2label updated), model.safetensors with every base
  * parameter (LoRA modules must be merged or detached first), and the source's tokenizer files.
+ * Without a head, a source config that names `…ForSequenceClassification` becomes a causal-LM
+ * config (`…ForCausalLM`, without num_labels / id2label / label2id): the folder then holds no
+ * score.weight, and the model is the language model with its lm_head.
  */
 export async function saveModelFolder(model: LlamaModel, srcDir: string, outDir: string, opts: SaveModelOptions = {}): Promise<string> {
   if (loraModules(model).length) {
@@ -153,10 +200,15 @@ export async function saveModelFolder(model: LlamaModel, srcDir: string, outDir:
     const arch = Array.isArray(cfg['architectures']) && typeof cfg['architectures'][0] === 'string' ? (cfg['architectures'][0] as string) : 'LlamaForCausalLM';
     cfg['architectures'] = [arch.replace(/ForCausalLM$/, 'ForSequenceClassification')];
     cfg['num_labels'] = head.numLabels;
-    const names = opts.labelNames ?? Array.from({ length: head.numLabels }, (_, i) => `LABEL_${i}`);
-    cfg['id2label'] = Object.fromEntries(names.map((n, i) => [String(i), n]));
-    cfg['label2id'] = Object.fromEntries(names.map((n, i) => [n, i]));
+    const names = headLabelNames(head, opts.labelNames);
+    Object.assign(cfg, labelMaps(names));
     if (cfg['pad_token_id'] === undefined && typeof cfg['eos_token_id'] === 'number') cfg['pad_token_id'] = cfg['eos_token_id'];
+  } else {
+    const archs = cfg['architectures'];
+    if (Array.isArray(archs) && archs.some((a) => typeof a === 'string' && a.endsWith('ForSequenceClassification'))) {
+      cfg['architectures'] = archs.map((a) => (typeof a === 'string' ? a.replace(/ForSequenceClassification$/, 'ForCausalLM') : a));
+      for (const k of CLASSIFIER_CONFIG_KEYS) delete cfg[k];
+    }
   }
   Object.assign(cfg, opts.configUpdates ?? {});
   const config = setConfigDtype(cfg, dtype);
@@ -181,10 +233,23 @@ export async function saveModelFolder(model: LlamaModel, srcDir: string, outDir:
   );
 }
 
+/** The head's class names: the given ones (one per class) or LABEL_0, LABEL_1, … */
+function headLabelNames(head: SequenceClassificationHead, names: string[] | undefined): string[] {
+  if (names && names.length !== head.numLabels) {
+    throw new AmalgamError('E_USAGE', `${names.length} label names given for a ${head.numLabels}-class head`, { hint: `give one name per class: ${head.numLabels}` });
+  }
+  return names ?? Array.from({ length: head.numLabels }, (_, i) => `LABEL_${i}`);
+}
+
 export interface SaveAdapterOptions {
   dtype?: FloatDType;
   overwrite?: boolean;
   head?: SequenceClassificationHead | null;
+  /**
+   * Class names of the head, in id order, recorded as `id2label` / `label2id` in
+   * adapter_config.json as a classifier's config.json records them (default LABEL_0, LABEL_1, …).
+   */
+  labelNames?: string[];
   /** `base_model_name_or_path`. */
   baseModel?: string;
   /** `lora_dropout` recorded in the config. */
@@ -214,6 +279,7 @@ export async function saveAdapterFolder(model: LlamaModel, outDir: string, opts:
       baseModel: opts.baseModel,
       modulesToSave: opts.head ? ['score'] : undefined,
       dropout: opts.dropout,
+      extraConfig: opts.head ? labelMaps(headLabelNames(opts.head, opts.labelNames)) : undefined,
     },
     { dtype: opts.dtype, overwrite: opts.overwrite },
   );

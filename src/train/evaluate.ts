@@ -8,7 +8,7 @@ import { labelCounts, readDataset, type ReadDatasetOptions } from '../data/datas
 import { withModelFolder } from '../convert/model-input.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { evaluateAccuracy, evaluateNll } from '../nn/eval.js';
-import { loadModel } from './checkpoint.js';
+import { labelNamesDiffer, loadModel } from './checkpoint.js';
 
 export interface LmEvalReport {
   task: 'lm';
@@ -48,6 +48,8 @@ export interface EvaluateFileOptions {
   truncationSide?: 'left' | 'right';
   dataset?: ReadDatasetOptions;
   onProgress?: (done: number, total: number) => void;
+  /** Called with each warning (e.g. `--labels` that contradict the head's recorded class names). */
+  onWarning?: (message: string) => void;
 }
 
 /**
@@ -83,9 +85,43 @@ async function evaluateFolder(modelDir: string, dataPath: string, opts: Evaluate
         hint: 'use a model written by amalgam train --task classify, or pass a classification adapter with --adapter',
       });
     }
-    const ds = await readDataset(dataPath, { ...(opts.dataset ?? {}), requireLabels: true, labelNames: opts.dataset?.labelNames ?? loaded.labelNames });
+    const recorded = loaded.labelNames;
+    const whose = loaded.headFromAdapter ? "the adapter's" : "the model's";
+    const given = opts.dataset?.labelNames;
+    if (recorded && recorded.length !== head.numLabels && !given) {
+      throw new AmalgamError('E_CONFIG', `id2label names ${recorded.length} classes but the score head (score.weight) predicts ${head.numLabels}`, {
+        file: loaded.labelNamesFile,
+        key: 'id2label',
+        hint: 'make id2label name one class per row of score.weight, or give the class names with --labels',
+      });
+    }
+    if (given && labelNamesDiffer(given, recorded)) {
+      opts.onWarning?.(
+        `--labels ${given.join(',')} differ from the class names recorded with ${whose} head (${recorded!.join(', ')}, in ${loaded.labelNamesFile}); ` +
+          'the data is read with --labels, so the classes may be renumbered',
+      );
+    }
+    const labelNames = given ?? recorded;
+    const ds = await readDataset(dataPath, {
+      ...(opts.dataset ?? {}),
+      requireLabels: true,
+      labelNames,
+      labelNamesOf: given ? `the ${given.length} names of --labels` : `${whose} ${head.numLabels}-class head`,
+    });
+    const neg = ds.negativeLabelLines;
+    if (neg?.length) {
+      opts.onWarning?.(`${dataPath}: ${neg.length} example${neg.length > 1 ? 's have' : ' has'} a negative label (unlabelled) and ${neg.length > 1 ? 'are' : 'is'} left out`);
+    }
+    if (!labelNames && ds.labelNames) {
+      opts.onWarning?.(
+        `${whose} head records no class names (id2label): the labels of ${dataPath} are numbered in sorted order (${ds.labelNames.join(', ')}), which may not be the order it was trained with; give the class names in order with --labels`,
+      );
+    }
     if (ds.numClasses > head.numLabels) {
-      throw new AmalgamError('E_USAGE', `the data has ${ds.numClasses} classes but the head predicts ${head.numLabels}`, { file: dataPath });
+      const max = ds.examples.reduce((m, e) => Math.max(m, e.label ?? -1), -1);
+      throw new AmalgamError('E_USAGE', ds.labelNames ? `the data has ${ds.numClasses} classes but the head predicts ${head.numLabels}` : `label ${max} is out of range for ${whose} ${head.numLabels}-class head (class indices 0 to ${head.numLabels - 1})`, {
+        file: dataPath,
+      });
     }
     const examples = encodeExamples(tok, ds.examples, { bos: true, maxLength: opts.maxLength ?? 64, truncationSide: opts.truncationSide });
     const r = evaluateAccuracy(

@@ -50,6 +50,7 @@ export function parseLoraSpec(spec: string | true | undefined): LoraSpec {
   const r = rText === undefined ? DEFAULT_LORA.r : parseInteger(rText, 'LoRA r', 1);
   const aText = one('alpha', 'lora_alpha');
   const alpha = aText === undefined ? 2 * r : parseNumber(aText, 'LoRA alpha');
+  if (!(alpha > 0)) throw new AmalgamError('E_USAGE', `LoRA alpha must be a positive number, got "${aText}"`, { hint: 'the update is scaled by alpha / r; the default alpha is 2r' });
   const targets = values.get('targets') ?? values.get('target_modules') ?? DEFAULT_LORA.targets;
   if (targets.length === 0) throw new AmalgamError('E_USAGE', 'LoRA targets are empty');
   const spec2: LoraSpec = { r, alpha, targets: [...targets] };

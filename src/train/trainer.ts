@@ -24,11 +24,12 @@ import { evaluateAccuracy, evaluateNll } from '../nn/eval.js';
 import { BatchSampler, encodeExamples, packWindows, padClassBatch, padLmBatch, windowBatch, type EncodedExample, type LmBatch } from '../data/batching.js';
 import { readDataset, splitTail, type ReadDatasetOptions, type TextDataset } from '../data/datasets.js';
 import { withModelFolder } from '../convert/model-input.js';
+import { checkOutputFolder } from '../io/atomic-dir.js';
 import { loadTokenizer, type TextTokenizer } from '../data/tokenizer.js';
 import type { FloatDType } from '../tensor/dtype.js';
 import { AdamW, clipGradNorm, GradAccumulator, gradNorm, type OptimParam } from './optimizer.js';
 import { makeSchedule, type ScheduleKind } from './schedule.js';
-import { loadModel, saveAdapterFolder, saveModelFolder } from './checkpoint.js';
+import { labelNamesDiffer, loadModel, saveAdapterFolder, saveModelFolder } from './checkpoint.js';
 
 export type TrainTask = 'lm' | 'classify';
 
@@ -188,6 +189,22 @@ function checkInt(name: string, v: number, min: number): void {
   if (!Number.isSafeInteger(v) || v < min) throw new AmalgamError('E_USAGE', `${name} must be an integer ≥ ${min}, got ${v}`);
 }
 
+/** A LoRA spec the model can take: a positive rank and α, and every target naming a linear layer. */
+function checkLoraSpec(model: LlamaModel, spec: LoraSpec): void {
+  checkInt('LoRA r', spec.r, 1);
+  if (!(Number.isFinite(spec.alpha) && spec.alpha > 0)) {
+    throw new AmalgamError('E_USAGE', `LoRA alpha must be a positive number, got ${spec.alpha}`, { hint: 'the update is scaled by alpha / r; the default alpha is 2r' });
+  }
+  const names = model.linearSlots().map((s) => s.name);
+  const unmatched = spec.targets.filter((t) => !names.some((n) => n === t || n.endsWith(`.${t}`)));
+  if (unmatched.length) {
+    const known = [...new Set(names.map((n) => n.slice(n.lastIndexOf('.') + 1)))];
+    throw new AmalgamError('E_USAGE', `LoRA target${unmatched.length > 1 ? 's' : ''} ${unmatched.map((t) => `'${t}'`).join(', ')} match${unmatched.length > 1 ? '' : 'es'} no linear layer of the model`, {
+      hint: `the model's linear layers: ${known.join(', ')}`,
+    });
+  }
+}
+
 /**
  * Train a loaded model in place. With `lora`, LoRA modules are attached (the base is frozen) and
  * stay attached; for classification a head is created (or `head` is trained further).
@@ -209,6 +226,7 @@ export async function trainModel(model: LlamaModel, data: TrainData, opts: Train
 
   // Trainable parameters.
   if (opts.lora) {
+    checkLoraSpec(model, opts.lora);
     attachLora(model, { targets: opts.lora.targets, rank: opts.lora.r, alpha: opts.lora.alpha, rslora: opts.lora.rslora, freeze: opts.lora.freeze, seed, init: opts.lora.init });
   } else {
     const trainBase = opts.trainBase ?? true;
@@ -373,6 +391,8 @@ export interface RunTrainingOptions extends TrainOptions {
   /** With LoRA: write a full checkpoint with the adapters merged instead of an adapter folder. */
   merge?: boolean;
   overwrite?: boolean;
+  /** Called with each warning (they are also returned in `warnings`). */
+  onWarning?: (message: string) => void;
 }
 
 export interface RunTrainingResult extends TrainResult {
@@ -382,6 +402,8 @@ export interface RunTrainingResult extends TrainResult {
   trainExamples: number;
   evalExamples: number;
   labelNames?: string[];
+  /** Options or data that had no effect, or were read in a way worth knowing. */
+  warnings: string[];
 }
 
 function encodeFor(task: TrainTask, tok: TextTokenizer, ds: TextDataset, opts: RunTrainingOptions): EncodedExample[] {
@@ -394,22 +416,71 @@ function encodeFor(task: TrainTask, tok: TextTokenizer, ds: TextDataset, opts: R
  * a dataset file; write a model folder or a PEFT adapter to outDir.
  */
 export async function runTraining(model: string, dataPath: string, outDir: string, opts: RunTrainingOptions): Promise<RunTrainingResult> {
+  const warnings: string[] = [];
+  const warn = (m: string) => {
+    warnings.push(m);
+    opts.onWarning?.(m);
+  };
+  checkHeldOutOptions(opts, warn);
+  // Fail now, not after the training, when the output cannot be written.
+  await checkOutputFolder(outDir, { overwrite: opts.overwrite, inputs: [model, dataPath, ...(opts.evalData ? [opts.evalData] : [])] });
   // The adapter names the model as given (absolute): a GGUF / llama2.c file is converted into a
   // temporary folder that is gone afterwards.
-  return withModelFolder(model, (dir) => trainFromFolder(dir, dataPath, outDir, opts, resolve(model)));
+  return withModelFolder(model, (dir) => trainFromFolder(dir, dataPath, outDir, opts, resolve(model), warnings, warn));
 }
 
-async function trainFromFolder(modelDir: string, dataPath: string, outDir: string, opts: RunTrainingOptions, baseModel: string): Promise<RunTrainingResult> {
+/** Held-out options that contradict each other or would do nothing. */
+function checkHeldOutOptions(opts: RunTrainingOptions, warn: (m: string) => void): void {
+  if (opts.evalData && opts.holdout) {
+    throw new AmalgamError('E_USAGE', `--holdout ${opts.holdout} and --eval-data ${opts.evalData} both choose the held-out data`, {
+      hint: 'give --eval-data to evaluate on another file, or --holdout to hold out the end of --data, not both',
+    });
+  }
+  if (opts.evalEvery) {
+    if (!opts.evalData && !opts.holdout) {
+      throw new AmalgamError('E_USAGE', `--eval-every ${opts.evalEvery} needs held-out data`, { hint: 'give --eval-data <file> or --holdout <fraction>' });
+    }
+    if (opts.evalEvery >= opts.steps) {
+      warn(`--eval-every ${opts.evalEvery} is not below --steps ${opts.steps}: the held-out data is evaluated only before and after training`);
+    }
+  }
+}
+
+/** The lines with negative (unlabelled) labels, left out of classification. */
+function warnNegativeLabels(ds: TextDataset, warn: (m: string) => void): void {
+  const lines = ds.negativeLabelLines;
+  if (!lines?.length) return;
+  const shown = lines.slice(0, 5).join(', ') + (lines.length > 5 ? ', …' : '');
+  warn(`${ds.source}: ${lines.length} example${lines.length > 1 ? 's have' : ' has'} a negative label (unlabelled) and ${lines.length > 1 ? 'are' : 'is'} left out (line${lines.length > 1 ? 's' : ''} ${shown})`);
+}
+
+async function trainFromFolder(
+  modelDir: string,
+  dataPath: string,
+  outDir: string,
+  opts: RunTrainingOptions,
+  baseModel: string,
+  warnings: string[],
+  warn: (m: string) => void,
+): Promise<RunTrainingResult> {
   const task = opts.task ?? 'lm';
   const tok = await loadTokenizer(modelDir);
   const readOpts: ReadDatasetOptions = { ...(opts.dataset ?? {}), requireLabels: task === 'classify' };
   const ds = await readDataset(dataPath, readOpts);
+  if (task === 'classify') warnNegativeLabels(ds, warn);
   let trainDs = ds;
   let evalDs: TextDataset | undefined;
   if (opts.evalData) {
     evalDs = await readDataset(opts.evalData, { ...readOpts, labelNames: readOpts.labelNames ?? ds.labelNames });
+    if (task === 'classify') warnNegativeLabels(evalDs, warn);
   } else if (opts.holdout) {
     const { head, tail } = splitTail(ds.examples, opts.holdout);
+    if (tail.length === 0) {
+      throw new AmalgamError('E_USAGE', `--holdout ${opts.holdout} of ${ds.examples.length} example${ds.examples.length > 1 ? 's' : ''} holds out none`, {
+        file: dataPath,
+        hint: `use --holdout ${Math.min(0.99, Math.ceil((0.5 / ds.examples.length) * 1000) / 1000)} or more, or --eval-data <file>`,
+      });
+    }
     trainDs = { ...ds, examples: head };
     evalDs = { ...ds, examples: tail };
   }
@@ -420,19 +491,27 @@ async function trainFromFolder(modelDir: string, dataPath: string, outDir: strin
   const loaded = await loadModel(modelDir);
   const { model } = loaded;
   try {
+    if (task === 'classify' && loaded.head && loaded.head.numLabels === numLabels && ds.labelNames && labelNamesDiffer(ds.labelNames, loaded.labelNames)) {
+      const from = opts.dataset?.labelNames ? '--labels' : `the labels of ${dataPath}`;
+      warn(
+        `${from} number the classes ${ds.labelNames.join(', ')}, but the head of ${loaded.labelNamesFile} was trained with ${loaded.labelNames!.join(', ')}; ` +
+          `training goes on with the classes renumbered (give --labels ${loaded.labelNames!.join(',')} to keep them)`,
+      );
+    }
     const result = await trainModel(model, { train, eval: evalSet, numLabels }, opts, task === 'classify' ? loaded.head : null);
-    const labelNames = ds.labelNames ?? loaded.labelNames;
+    // The folder's class names only describe a head of the same size.
+    const labelNames = result.head ? (ds.labelNames ?? (loaded.labelNames?.length === result.head.numLabels ? loaded.labelNames : undefined)) : undefined;
     let output: 'model' | 'adapter';
     let written: string;
     if (opts.lora && !opts.merge) {
-      written = await saveAdapterFolder(model, outDir, { dtype: opts.dtype, overwrite: opts.overwrite, head: result.head, baseModel });
+      written = await saveAdapterFolder(model, outDir, { dtype: opts.dtype, overwrite: opts.overwrite, head: result.head, labelNames, baseModel });
       output = 'adapter';
     } else {
       if (opts.lora) detachLora(model, true);
       written = await saveModelFolder(model, modelDir, outDir, { dtype: opts.dtype, overwrite: opts.overwrite, head: result.head, labelNames });
       output = 'model';
     }
-    return { ...result, outDir: written, output, trainExamples: train.length, evalExamples: evalSet?.length ?? 0, labelNames };
+    return { ...result, outDir: written, output, trainExamples: train.length, evalExamples: evalSet?.length ?? 0, labelNames, warnings };
   } finally {
     model.dispose();
   }
