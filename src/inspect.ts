@@ -2,6 +2,7 @@
  * `inspect`: what a checkpoint file or folder holds, without reading tensor data.
  */
 import { stat, readdir } from 'node:fs/promises';
+import { join } from 'node:path';
 import { byteSize, numel } from './tensor/dtype.js';
 import { FileByteReader, ioError, type TensorInfo, type TensorSource } from './io/source.js';
 import { SafetensorsFile, ShardedSafetensors } from './io/safetensors.js';
@@ -9,6 +10,8 @@ import { openModelFolder } from './io/hf.js';
 import { readPeftAdapter } from './io/peft.js';
 import { GgufFile } from './io/gguf.js';
 import { Llama2cCheckpoint } from './io/llama2c.js';
+import { AmalgamError } from './errors.js';
+import { modelFilesIn } from './convert/model-input.js';
 
 export type InspectKind = 'safetensors' | 'sharded-safetensors' | 'hf-model' | 'gguf' | 'llama2c' | 'peft-adapter';
 
@@ -77,7 +80,8 @@ export async function inspectPath(path: string): Promise<InspectReport> {
   if (st.isDirectory()) return inspectFolder(path);
   const magic = await sniffMagic(path);
   const ascii = Buffer.from(magic.subarray(0, 4)).toString('latin1');
-  if (ascii === 'GGUF') return inspectGguf(path);
+  // A .gguf file without the magic (empty, truncated, another format) gets GGUF's own diagnosis.
+  if (ascii === 'GGUF' || /\.gguf$/i.test(path)) return inspectGguf(path);
   if (path.endsWith('.safetensors')) return inspectSafetensorsFile(path);
   if (path.endsWith('.index.json')) return inspectSource(path, 'sharded-safetensors', await ShardedSafetensors.open(path), []);
   if (path.endsWith('.bin')) return inspectLlama2c(path);
@@ -103,6 +107,14 @@ async function inspectSource(path: string, kind: InspectKind, source: TensorSour
 async function inspectFolder(dir: string): Promise<InspectReport> {
   const entries = await readdir(dir);
   if (entries.includes('adapter_config.json')) return inspectPeft(dir);
+  const files = entries.includes('config.json') ? [] : modelFilesIn(entries);
+  if (files.length) {
+    const first = join(dir, files[0]!);
+    throw new AmalgamError('E_MISSING', `no config.json: not a Hugging Face model folder; it holds the model file${files.length > 1 ? 's' : ''} ${files.join(', ')}`, {
+      file: dir,
+      hint: `inspect a file itself (amalgam inspect ${first}), or convert it into a model folder (amalgam convert ${first} <out-dir>)`,
+    });
+  }
   const model = await openModelFolder(dir, { allowUnmatched: true });
   const arch = model.architecture;
   const notes = [...arch.warnings];

@@ -1,5 +1,6 @@
 import type { Command } from 'commander';
 import { convertToHf } from '../convert/to-hf.js';
+import { parseInteger } from '../train/options.js';
 
 export function registerConvert(program: Command): void {
   program
@@ -8,7 +9,7 @@ export function registerConvert(program: Command): void {
     .argument('<input>', 'a .gguf file, or a llama2.c .bin file (with tok512.bin / tokenizer.bin beside it)')
     .argument('<out-dir>', 'output folder (created; must not exist or be empty unless --overwrite)')
     .option('--tokenizer <file>', 'llama2.c tokenizer file (default: tok<vocab>.bin or tokenizer.bin beside the model)')
-    .option('--max-position-embeddings <n>', 'max_position_embeddings in config.json (default: llama2.c seq_len, or the GGUF context length)', (v) => parseInt(v, 10))
+    .option('--max-position-embeddings <n>', 'max_position_embeddings in config.json (default: llama2.c seq_len, or the GGUF context length)', (v) => parseInteger(v, '--max-position-embeddings', 1))
     .option('--overwrite', 'replace the output folder if it exists')
     .option('--json', 'print the result as JSON')
     .action(async (input: string, outDir: string, opts: { tokenizer?: string; maxPositionEmbeddings?: number; overwrite?: boolean; json?: boolean }) => {

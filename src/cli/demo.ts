@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import { isAbsolute, relative, resolve } from 'node:path';
 import { runDemo, type DemoResult } from '../demo/demo.js';
 import { formatMergeReport, formatPlanSummary } from '../merge/run.js';
+import { parseInteger } from '../train/options.js';
 import { printInspectReport } from './inspect.js';
 
 function printDemo(r: DemoResult): void {
@@ -39,9 +40,13 @@ export function registerDemo(program: Command): void {
     .description(
       'Run the built-in example: generate a small Llama-shaped base model and three fine-tuned variants from a seed (no downloads), merge them with TIES (examples/demo-ties.yml) and inspect the result.',
     )
-    .option('-o, --out <dir>', 'folder for the generated files (replaced if it exists)', 'amalgam-demo')
-    .option('--seed <n>', 'random seed', (v) => parseInt(v, 10), 0)
-    .option('-j, --jobs <n>', 'worker threads of the merge (default: the number of cores)', (v) => parseInt(v, 10))
+    .option(
+      '-o, --out <dir>',
+      'folder for the generated files: a new or empty folder, or the folder of an earlier demo (whose files are replaced); a folder holding anything else is refused',
+      'amalgam-demo',
+    )
+    .option('--seed <n>', 'random seed (an integer >= 0)', (v) => parseInteger(v, '--seed', 0), 0)
+    .option('-j, --jobs <n>', 'worker threads of the merge (default: the number of cores)', (v) => parseInteger(v, '--jobs', 1))
     .action(async (opts: { out: string; seed: number; jobs?: number }) => {
       const result = await runDemo(resolve(opts.out), { seed: opts.seed, ...(opts.jobs !== undefined ? { jobs: opts.jobs } : {}) });
       printDemo(result);

@@ -302,7 +302,7 @@ async function planLlama2c(input: string, opts: ConvertOptions): Promise<Plan> {
         throw new AmalgamError('E_MISSING', `no llama2.c tokenizer beside the model (looked for ${candidates.map((p) => basename(p)).join(', ')})`, {
           file: input,
           key: 'tokenizer',
-          hint: 'pass the tokenizer file explicitly (--tokenizer)',
+          hint: `put the llama2.c tokenizer file beside the model as ${basename(candidates[0]!)} or tokenizer.bin, or convert the model with amalgam convert ${input} <out-dir> --tokenizer <file>`,
         });
       }
     }
@@ -328,7 +328,7 @@ async function planLlama2c(input: string, opts: ConvertOptions): Promise<Plan> {
  */
 export async function convertToHf(input: string, outDir: string, opts: ConvertOptions = {}): Promise<ConvertResult> {
   if (opts.maxPositionEmbeddings !== undefined && !(Number.isSafeInteger(opts.maxPositionEmbeddings) && opts.maxPositionEmbeddings > 0)) {
-    throw new AmalgamError('E_USAGE', `max position embeddings must be a positive integer, got ${opts.maxPositionEmbeddings}`);
+    throw new AmalgamError('E_USAGE', `maxPositionEmbeddings (--max-position-embeddings) must be a positive integer, got ${opts.maxPositionEmbeddings}`);
   }
   const format = await detectModelFormat(input);
   const plan = format === 'gguf' ? await planGguf(input, opts) : await planLlama2c(input, opts);

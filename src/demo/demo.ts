@@ -8,11 +8,12 @@
  * its own sparse changes. A good merge keeps the shared direction and most of each model's own
  * changes, which the analysis measures with cosines.
  */
-import { writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { AmalgamError } from '../errors.js';
 import { withStagingDir } from '../io/atomic-dir.js';
 import { openSafetensors, ShardedSafetensorsWriter } from '../io/safetensors.js';
-import type { TensorSource } from '../io/source.js';
+import { ioError, type TensorSource } from '../io/source.js';
 import { inspectPath, type InspectReport } from '../inspect.js';
 import { parseMergeConfig } from '../config/parse.js';
 import { runMerge, type RunMergeResult } from '../merge/run.js';
@@ -193,13 +194,73 @@ async function analyse(dir: string, seed: number, merged: string): Promise<DemoA
   }
 }
 
+/** What a demo writes into its folder: the models, the merged model and the configuration. */
+const DEMO_ENTRIES = new Set(['base', ...VARIANTS.map((v) => v.name), 'merged', DEMO_CONFIG_FILE]);
+
+/** Staging leftovers of an interrupted demo (`.base.partial-…`, `.merged.old-…`). */
+const DEMO_STAGING = new RegExp(`^\\.(${['base', ...VARIANTS.map((v) => v.name), 'merged'].join('|')})\\.(partial|old)-`);
+
 /**
- * Generates the demo models in `outDir` (replacing an earlier demo there), writes the
- * configuration, merges, inspects and analyses the result. Deterministic for a seed.
+ * The demo writes into a folder that does not exist, is empty, or holds an earlier demo's output
+ * (its configuration file, written first, and nothing but the demo's own files), which it
+ * replaces. Anything else is refused, so that no unrelated file is replaced or mixed in.
+ */
+async function checkDemoFolder(outDir: string): Promise<void> {
+  let st;
+  try {
+    st = await stat(outDir);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException)?.code;
+    if (code === 'ENOENT') return;
+    if (code === 'ENOTDIR') {
+      throw new AmalgamError('E_USAGE', 'a part of the demo output path is a file, not a folder', { file: outDir, hint: 'choose a new or empty folder with --out', cause: e });
+    }
+    throw ioError(outDir, e);
+  }
+  if (!st.isDirectory()) {
+    throw new AmalgamError('E_USAGE', 'the demo output path exists and is not a folder', { file: outDir, hint: 'choose a new or empty folder with --out' });
+  }
+  const entries = await readdir(outDir);
+  if (entries.length === 0) return;
+  const foreign = entries.filter((n) => !DEMO_ENTRIES.has(n) && !DEMO_STAGING.test(n)).sort();
+  let marked = false;
+  try {
+    marked = (await readFile(join(outDir, DEMO_CONFIG_FILE), 'utf8')).includes('amalgam demo');
+  } catch {
+    marked = false;
+  }
+  if (marked && foreign.length === 0) return;
+  const listed = foreign.slice(0, 5).join(', ') + (foreign.length > 5 ? `, ... (${foreign.length} in all)` : '');
+  throw new AmalgamError(
+    'E_USAGE',
+    foreign.length
+      ? `the folder is not empty and holds files the demo did not write (${listed}); the demo replaces only an earlier demo's output`
+      : `the folder is not empty and is not an earlier demo's output (no ${DEMO_CONFIG_FILE} written by amalgam demo); the demo replaces only an earlier demo's output`,
+    { file: outDir, hint: 'choose a new or empty folder with --out' },
+  );
+}
+
+/**
+ * Generates the demo models in `outDir` (replacing an earlier demo there; see `checkDemoFolder`
+ * for the folders it accepts), writes the configuration, merges, inspects and analyses the
+ * result. Deterministic for a seed.
  */
 export async function runDemo(outDir: string, opts: DemoOptions = {}): Promise<DemoResult> {
   const t0 = Date.now();
   const seed = opts.seed ?? 0;
+  if (!Number.isSafeInteger(seed) || seed < 0) throw new AmalgamError('E_USAGE', `the demo seed must be an integer >= 0, got ${seed}`);
+  if (opts.jobs !== undefined && (!Number.isSafeInteger(opts.jobs) || opts.jobs < 1)) {
+    throw new AmalgamError('E_USAGE', `the demo's worker threads (jobs) must be an integer >= 1, got ${opts.jobs}`);
+  }
+  await checkDemoFolder(outDir);
+  try {
+    await mkdir(outDir, { recursive: true });
+  } catch (e) {
+    throw new AmalgamError('E_IO', 'the demo output folder cannot be created', { file: outDir, hint: 'choose an output path in a folder you can write', cause: e });
+  }
+  // The configuration first: it marks the folder as the demo's, even if the run is interrupted.
+  const configPath = join(outDir, DEMO_CONFIG_FILE);
+  await writeFile(configPath, DEMO_CONFIG);
   const baseDir = join(outDir, 'base');
   const base = await writeSyntheticLlama(baseDir, { seed, maxShardBytes: 96 * 1024, overwrite: true });
   await writeFile(join(baseDir, 'generation_config.json'), JSON.stringify({ bos_token_id: 1, eos_token_id: 2, _from_model_config: true }, null, 2) + '\n');
@@ -214,8 +275,6 @@ export async function runDemo(outDir: string, opts: DemoOptions = {}): Promise<D
     { name: 'base', dir: baseDir, description: `seeded Llama-shaped model (seed ${seed})` },
     ...VARIANTS.map((v) => ({ name: v.name, dir: join(outDir, v.name), description: `base + ${v.description}` })),
   ];
-  const configPath = join(outDir, DEMO_CONFIG_FILE);
-  await writeFile(configPath, DEMO_CONFIG);
   const t1 = Date.now();
 
   const output = join(outDir, 'merged');

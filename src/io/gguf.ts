@@ -442,8 +442,11 @@ function align(x: number, a: number): number {
 async function parseHeader(reader: ByteReader, opts: GgufOpenOptions): Promise<ParsedHeader> {
   const file = reader.path;
   const c = new HeaderCursor(reader, file);
+  if (reader.size === 0) {
+    throw new AmalgamError('E_FORMAT', 'the GGUF file is empty (0 bytes)', { file, hint: 'the file was truncated or never written: download or export it again' });
+  }
   if (reader.size < 4) {
-    throw new AmalgamError('E_FORMAT', `file is ${reader.size} bytes, too short to be a GGUF file`, { file });
+    throw new AmalgamError('E_FORMAT', `file is ${reader.size} bytes, too short to be a GGUF file`, { file, hint: 'the file is truncated: download or export it again' });
   }
   const magic = await c.u32('the magic');
   if (magic !== GGUF_MAGIC) {

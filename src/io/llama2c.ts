@@ -165,6 +165,26 @@ export class Llama2cCheckpoint implements TensorSource {
   }
 
   static async fromReader(reader: ByteReader): Promise<Llama2cCheckpoint> {
+    try {
+      return await Llama2cCheckpoint.parse(reader);
+    } catch (e) {
+      // A tokenizer file given where a checkpoint belongs fails the header checks in confusing
+      // ways (its first token's score reads as hidden_dim 0): say what the file is instead.
+      if (e instanceof AmalgamError && (e.code === 'E_HEADER' || e.code === 'E_FORMAT') && reader.size <= TOKENIZER_SNIFF_BYTES) {
+        const tokens = llama2cTokenizerEntries(await reader.read(0, reader.size));
+        if (tokens > 0) {
+          throw new AmalgamError('E_FORMAT', `this is a llama2.c tokenizer file (${tokens} tokens), not a model checkpoint`, {
+            file: reader.path,
+            hint: 'give the model .bin file; its tokenizer is found beside it (tok<vocab>.bin or tokenizer.bin) or passed to amalgam convert with --tokenizer',
+            cause: e,
+          });
+        }
+      }
+      throw e;
+    }
+  }
+
+  private static async parse(reader: ByteReader): Promise<Llama2cCheckpoint> {
     const file = reader.path;
     const size = reader.size;
     if (size < LEGACY_HEADER_BYTES) {
@@ -265,6 +285,32 @@ export class Llama2cCheckpoint implements TensorSource {
 
 // ---------------------------------------------------------------------------------------------
 // Tokenizer
+
+/** Files up to this size are checked for the tokenizer layout when they fail as checkpoints. */
+const TOKENIZER_SNIFF_BYTES = 64 << 20;
+
+/**
+ * The number of entries when `bytes` has the layout of a llama2.c tokenizer file (a positive
+ * max_token_length, then entries of a finite float32 score, a length in 0..max_token_length and
+ * that many bytes, ending exactly at the end; at least three entries), else 0.
+ */
+export function llama2cTokenizerEntries(bytes: Uint8Array): number {
+  const size = bytes.length;
+  if (size < 12) return 0;
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const maxTokenLength = dv.getInt32(0, true);
+  if (maxTokenLength <= 0 || maxTokenLength > 1 << 16) return 0;
+  let pos = 4;
+  let n = 0;
+  while (pos + 8 <= size) {
+    const score = dv.getFloat32(pos, true);
+    const len = dv.getInt32(pos + 4, true);
+    if (!Number.isFinite(score) || len < 0 || len > maxTokenLength) return 0;
+    pos += 8 + len;
+    n++;
+  }
+  return pos === size && n >= 3 ? n : 0;
+}
 
 export interface Llama2cTokenizer {
   path: string;
