@@ -176,4 +176,8 @@ test('osrm run: the adapters record the statistics settings of OSRM initialisati
   assert.deepEqual(osrm.amalgam_init, { kind: 'osrm-covariance', freeze: 'A', seed: 0, samples: 8, shuffle_seed: 42, pooling: 'real-tokens', center: true, tasks: ['domain', 'pronoun'] });
   assert.equal(osrm.base_model_name_or_path, join(out, 'base-model'));
   assert.deepEqual((await cfg('standard')).amalgam_init, { kind: 'standard', freeze: 'none', seed: 0, tasks: ['domain', 'pronoun'] });
+  // The domain task's three classes are recorded, as eval --adapter reads them.
+  const named = (await cfg('standard')) as unknown as { id2label: Record<string, string>; label2id: Record<string, number> };
+  assert.deepEqual(named.id2label, { 0: 'LABEL_0', 1: 'LABEL_1', 2: 'LABEL_2' });
+  assert.deepEqual(named.label2id, { LABEL_0: 0, LABEL_1: 1, LABEL_2: 2 });
 });

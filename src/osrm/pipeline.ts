@@ -22,7 +22,7 @@ import { SCORE_WEIGHT, type SequenceClassificationHead } from '../nn/heads.js';
 import { detachLora, loraModules, type LoraInitContext } from '../nn/lora.js';
 import type { LlamaModel } from '../nn/model.js';
 import { Rng } from '../tensor/rng.js';
-import { loadModel } from '../train/checkpoint.js';
+import { labelMaps, loadModel } from '../train/checkpoint.js';
 import { trainModel } from '../train/trainer.js';
 import { loraInitHook, orthonormalityError, orthonormalControlInit, osrmInit, othersSecondMoment, rayleighQuotients, type TaskInit } from './init.js';
 import { osrmInitParallel } from './parallel.js';
@@ -33,6 +33,8 @@ import { collectFeatureStats, featureGroups, featureSecondMoment, statsFloats, t
 export interface PipelineTask {
   name: string;
   numLabels: number;
+  /** Class names in id order (`LABEL_i` where the data names none), recorded in each adapter. */
+  labelNames: string[];
   train: EncodedExample[];
   eval: EncodedExample[];
   /** The evaluation examples with their labels, for accuracy. */
@@ -97,6 +99,7 @@ export async function loadPipelineTasks(recipe: ResolvedOsrmRecipe, tok: TextTok
     out.push({
       name: t.name,
       numLabels,
+      labelNames: train.labelNames && train.labelNames.length === numLabels ? train.labelNames : Array.from({ length: numLabels }, (_, i) => `LABEL_${i}`),
       train: enc(train.examples, t.train_limit),
       eval: evalSet,
       evalLabelled: evalSet.map((e) => ({ ids: e.ids, label: e.label ?? -1 })),
@@ -400,7 +403,7 @@ export async function runOsrmPipeline(recipe: ResolvedOsrmRecipe, opts: OsrmRunO
                 taskType: 'SEQ_CLS',
                 baseModel: modelDir,
                 modulesToSave: ['score'],
-                extraConfig: { amalgam_init: { kind: variant.init, freeze: variant.freeze, seed, ...initSettings(variant.init, recipe.osrm), tasks: tasks.map((t) => t.name) } },
+                extraConfig: { ...labelMaps(task.labelNames), amalgam_init: { kind: variant.init, freeze: variant.freeze, seed, ...initSettings(variant.init, recipe.osrm), tasks: tasks.map((t) => t.name) } },
               },
               { overwrite: recipe.output.overwrite },
             );
