@@ -41,7 +41,7 @@ import { allocAlignedShared, DIRECT_ALIGN, directIoEnabled, looksUncached } from
 import { withStagingDir } from '../io/atomic-dir.js';
 import { canReadRawInto, openSafetensors, ShardedSafetensorsWriter, type RawIntoSource } from '../io/safetensors.js';
 import type { TensorSource } from '../io/source.js';
-import { byteSize, numel } from '../tensor/dtype.js';
+import { byteSize, numel, type DType } from '../tensor/dtype.js';
 import { openAdaptedSource } from '../lora/apply.js';
 import { KERNEL_MEMORY_MAX, kernelRegionEnd, slotBytes, wasmDtypesFit, wasmKernelsAvailable } from './fused-wasm.js';
 import type { PrefetchAreas } from './prefetch.js';
@@ -383,6 +383,16 @@ function streamedCost(t: PlannedTensor): number {
   return Math.min((byteSize(t.dtype, n) ?? 4 * n) + (t.inputs.length - 1) * n, tensorCost(t));
 }
 
+/**
+ * Resident bytes of a tensor of another method read as stored (`raw`): its inputs as stored,
+ * beside what the method holds (`tensorCost`).
+ */
+function rawCost(t: PlannedTensor): number {
+  let bytes = tensorCost(t);
+  for (const i of t.inputs) bytes += byteSize(i.dtype, numel(i.shape)) ?? 4 * numel(i.shape);
+  return bytes;
+}
+
 /** Bytes of a streamed tensor's inputs read whole, as `InputPrefetcher` lays them out. */
 function residentNeed(t: PlannedTensor): number {
   return t.inputs.length * slotBytes(numel(t.shape) * (byteSize(t.inputs[0]!.dtype, 1) ?? 4));
@@ -548,6 +558,11 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
   // WebAssembly kernel (`streamed`), or read whole into reused buffers (`stored`).
   const stored = new Set<number>();
   const streamed = new Set<number>();
+  // The other merged tensors with float inputs: read as stored into reused buffers and decoded by
+  // the worker (not on this thread), the result encoded into a page-placed output buffer. The
+  // stored copies are held beside the float32 ones, so the largest tensors (a quarter of the
+  // budget or more, such as the embeddings) are read as float32 instead.
+  const raw = new Set<number>();
   if ([...sources.values()].every(canReadRawInto)) {
     const round = plan.computeDtype === 'BF16' || plan.computeDtype === 'F16' ? plan.computeDtype : undefined;
     const wasmOk = wasmKernelsAvailable();
@@ -559,8 +574,14 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
         t.inputs.every((i) => (sources.get(i.model) as RawIntoSource).locate(i.tensor) !== undefined);
       (located ? streamed : stored).add(t.index);
     }
+    const float = (d: DType) => d === 'F32' || d === 'BF16' || d === 'F16';
+    for (const t of plan.tensors) {
+      if (t.kind !== 'merge' || t.permutation || stored.has(t.index) || streamed.has(t.index)) continue;
+      if (float(t.dtype) && t.inputs.every((i) => float(i.dtype)) && rawCost(t) <= budget / 4) raw.add(t.index);
+    }
   }
-  const cost = (t: PlannedTensor) => (streamed.has(t.index) ? streamedCost(t) : stored.has(t.index) ? storedCost(t) : tensorCost(t));
+  const cost = (t: PlannedTensor) =>
+    streamed.has(t.index) ? streamedCost(t) : stored.has(t.index) ? storedCost(t) : raw.has(t.index) ? rawCost(t) : tensorCost(t);
   const locate = (i: { model: string; tensor: string }) => (sources.get(i.model) as RawIntoSource).locate(i.tensor)!;
   const io = planStreamedReads(plan, streamed, locate, budget, pool ? jobs : 0, opts.directReads ?? 'auto');
   const { direct, prefetch, residentBytes, flightBudget, big } = io;
@@ -616,6 +637,21 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               );
               inputs.push(...read);
               outBuffer = buffers.take(byteSize(t.dtype, numel(t.shape))!);
+            } else if (raw.has(t.index)) {
+              buffers.trim(Math.max(0, flightBudget - inFlightCost));
+              const read = await Promise.all(
+                t.inputs.map(async (i): Promise<ComputeInput> => {
+                  const bytes = byteSize(i.dtype, numel(i.shape))!;
+                  const data = new Uint8Array(buffers.take(bytes), 0, bytes);
+                  await (sources.get(i.model) as RawIntoSource).readRawInto(i.tensor, data);
+                  readBytes += bytes;
+                  return { model: i.model, shape: i.shape, raw: data, dtype: i.dtype };
+                }),
+              );
+              inputs.push(...read);
+              const phase = writer.writesDirect ? writer.positionOf(t.name) % DIRECT_ALIGN : 0;
+              outOffset = phase % (byteSize(t.dtype, 1) ?? 4) === 0 ? phase : 0;
+              outBuffer = buffers.takeShared(byteSize(t.dtype, numel(t.shape))! + outOffset);
             } else {
               for (const i of t.inputs) {
                 const data = transferable(await sources.get(i.model)!.readF32(i.tensor));

@@ -251,10 +251,11 @@ export function computeTensor(task: ComputeTask, preloaded?: Preloaded): Compute
     }
     warnings.length = 0;
   }
-  if (task.outBuffer) buffers.push(task.outBuffer);
   const inputs: MergeInput[] = task.inputs.map((i) => {
     const data = i.data ?? decodeToF32(i.dtype!, i.raw ?? readLocated(i, task.tensorName), { copy: !i.file, what: task.tensorName });
-    if (task.computeDtype === 'BF16' || task.computeDtype === 'F16') roundInPlace(data, task.computeDtype);
+    // Values decoded from the compute dtype itself are already rounded to it.
+    const exact = i.data === undefined && i.dtype === task.computeDtype;
+    if ((task.computeDtype === 'BF16' || task.computeDtype === 'F16') && !exact) roundInPlace(data, task.computeDtype);
     return { model: i.model, data, shape: i.shape };
   });
   const ctx: Parameters<typeof mergeTensor>[1] = {
@@ -279,9 +280,28 @@ export function computeTensor(task: ComputeTask, preloaded?: Preloaded): Compute
       key: task.tensorName,
     });
   }
+  const given = encodeInto(task, out.data);
+  if (given) return { id: task.id, bytes: given, warnings, ...(buffers.length ? { buffers } : {}) };
+  if (task.outBuffer) buffers.push(task.outBuffer);
   let bytes = encodeFromF32(task.outDtype, out.data);
   if (bytes.byteOffset !== 0 || bytes.byteLength !== bytes.buffer.byteLength) bytes = bytes.slice();
   return { id: task.id, bytes, warnings, ...(buffers.length ? { buffers } : {}) };
+}
+
+/**
+ * Encodes a result into the task's `outBuffer` at `outOffset` (where the executor placed it for
+ * direct writes), for float output dtypes; undefined when there is no such buffer or it is too
+ * small.
+ */
+function encodeInto(task: ComputeTask, data: Float32Array): Uint8Array | undefined {
+  const buf = task.outBuffer;
+  const at = task.outOffset ?? 0;
+  const size = byteSize(task.outDtype, data.length);
+  if (!buf || size === undefined || buf.byteLength < at + size || !isStoredDType(task.outDtype)) return undefined;
+  if (task.outDtype === 'F32') new Float32Array(buf, at, data.length).set(data);
+  else if (task.outDtype === 'BF16') f32ToBf16(data, new Uint16Array(buf, at, data.length));
+  else f32ToF16(data, new Uint16Array(buf, at, data.length));
+  return new Uint8Array(buf, at, size);
 }
 
 export function serializeError(e: unknown): SerializedError {
