@@ -659,7 +659,8 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
                   throw new AmalgamError('E_SHAPE', `read ${data.length} values from model ${i.model}, expected ${numel(i.shape)}`, { key: t.name });
                 }
                 readBytes += byteSize(i.dtype, data.length) ?? 0;
-                inputs.push({ model: i.model, shape: i.shape, data });
+                // `dtype`: the values are that dtype's, decoded exactly.
+                inputs.push({ model: i.model, shape: i.shape, data, dtype: i.dtype });
               }
             }
             if (signal?.aborted) throw abortError(outDir);

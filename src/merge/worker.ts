@@ -29,6 +29,7 @@ export interface ComputeInput {
   raw?: Uint8Array;
   /** Or where they are: read chunk by chunk while merging (with `dtype`). */
   file?: { path: string; offset: number; direct?: boolean };
+  /** The dtype of `raw` or `file`, or the stored dtype `data` was decoded from exactly. */
   dtype?: DType;
 }
 
@@ -254,7 +255,7 @@ export function computeTensor(task: ComputeTask, preloaded?: Preloaded): Compute
   const inputs: MergeInput[] = task.inputs.map((i) => {
     const data = i.data ?? decodeToF32(i.dtype!, i.raw ?? readLocated(i, task.tensorName), { copy: !i.file, what: task.tensorName });
     // Values decoded from the compute dtype itself are already rounded to it.
-    const exact = i.data === undefined && i.dtype === task.computeDtype;
+    const exact = i.dtype === task.computeDtype;
     if ((task.computeDtype === 'BF16' || task.computeDtype === 'F16') && !exact) roundInPlace(data, task.computeDtype);
     return { model: i.model, data, shape: i.shape };
   });
