@@ -11,8 +11,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join, relative, isAbsolute } from 'node:path';
+import { join, relative } from 'node:path';
 import { AmalgamError, isAmalgamError } from '../errors.js';
+import { isWithin } from '../io/atomic-dir.js';
 import { convertToHf } from './to-hf.js';
 
 /**
@@ -104,12 +105,6 @@ async function notAModelFolder(dir: string): Promise<AmalgamError | undefined> {
   return undefined;
 }
 
-/** Whether `p` is `folder` or inside it. */
-function within(folder: string, p: string): boolean {
-  const rel = relative(folder, p);
-  return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
-}
-
 /**
  * An error about the temporary conversion, named after the user's model file instead: the
  * temporary folder is gone by the time the message is read. A file inside the folder becomes the
@@ -117,14 +112,14 @@ function within(folder: string, p: string): boolean {
  */
 function renameTemporary(e: AmalgamError, tmp: string, dir: string, model: string): AmalgamError {
   const file = e.file;
-  if (!file || !within(tmp, file)) return e;
+  if (!file || !isWithin(tmp, file)) return e;
   const swap = (s: string) => s.split(dir).join(model).split(tmp).join(model);
   // Undo the formatting of AmalgamError: "<file>: '<key>': <message> (<hint>)".
   const prefix = [file, e.key !== undefined && e.key !== '' ? `'${e.key}'` : undefined].filter((p) => p !== undefined).join(': ') + ': ';
   const suffix = e.hint ? ` (${e.hint})` : '';
   if (!e.message.startsWith(prefix) || !e.message.endsWith(suffix)) return new AmalgamError(e.code, swap(e.message), { cause: e });
   const message = e.message.slice(prefix.length, e.message.length - suffix.length);
-  const key = e.key ?? (within(dir, file) && file !== dir ? relative(dir, file) : undefined);
+  const key = e.key ?? (isWithin(dir, file) && file !== dir ? relative(dir, file) : undefined);
   return new AmalgamError(e.code, swap(message), {
     file: model,
     ...(key !== undefined ? { key } : {}),

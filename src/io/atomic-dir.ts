@@ -26,6 +26,12 @@ export async function realOrResolved(p: string): Promise<string> {
   }
 }
 
+/** Whether path `p` is `folder` or inside it (both absolute or both relative to one folder). */
+export function isWithin(folder: string, p: string): boolean {
+  const rel = relative(folder, p);
+  return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
+}
+
 /**
  * Refuses an output folder that is one of the inputs or holds one (after resolving symbolic
  * links), since writing it would replace or delete that input.
@@ -34,9 +40,8 @@ export async function refuseReplacingInputs(target: string, inputs: readonly str
   const out = await realOrResolved(target);
   for (const input of inputs) {
     const real = await realOrResolved(input);
-    const rel = relative(out, real);
-    if (rel === '' || (!rel.startsWith('..') && !isAbsolute(rel))) {
-      throw new AmalgamError('E_USAGE', rel === '' ? `the output folder is the input ${input}` : `the output folder holds the input ${input}: writing it would delete that input`, {
+    if (isWithin(out, real)) {
+      throw new AmalgamError('E_USAGE', real === out ? `the output folder is the input ${input}` : `the output folder holds the input ${input}: writing it would delete that input`, {
         file: resolve(target),
         hint: 'write the output to a folder that holds none of the inputs',
       });
