@@ -10,6 +10,7 @@ import { loadMergeModels } from '../evolve/models.js';
 import { saveModelFolder } from '../train/checkpoint.js';
 import { AdaMergeModel, trainAdaMerge, type AdaMergeStepInfo, type AdaMergeTrainResult } from './adamerge.js';
 import { adaMergeRecipeAsRun, type AdaMergeRecipe } from './recipe.js';
+import { checkOutputFolder } from '../io/atomic-dir.js';
 
 /** The recipe as run, in the output folder. */
 export const ADAMERGE_CONFIG = 'adamerge_config.yml';
@@ -43,6 +44,9 @@ export interface RunAdaMergeResult extends AdaMergeTrainResult {
 
 export async function runAdaMerge(recipe: AdaMergeRecipe, opts: RunAdaMergeOptions = {}): Promise<RunAdaMergeResult> {
   const log = opts.log ?? (() => {});
+  // Everything the run reads: the output may not be or hold any of it.
+  const inputs = [...[recipe.baseModel, ...recipe.models.map((m) => m.path)], ...recipe.data.map((d) => d.path), ...recipe.test.map((d) => d.path), ...(opts.recipeFile ? [opts.recipeFile] : [])];
+  if (opts.outDir) await checkOutputFolder(opts.outDir, { overwrite: opts.overwrite, inputs });
   const loaded = await loadMergeModels(
     recipe.baseModel,
     recipe.models.map((m) => m.path),
@@ -75,7 +79,7 @@ export async function runAdaMerge(recipe: AdaMergeRecipe, opts: RunAdaMergeOptio
       if (start) result.test = { start, end: scoreDomains(am.model, test, { batchSize: recipe.evalBatchSize }) };
       if (opts.outDir) {
         am.model.setTrainable(() => false);
-        result.outDir = await saveModelFolder(am.model, tokDir, opts.outDir, { dtype: recipe.output.dtype, overwrite: opts.overwrite });
+        result.outDir = await saveModelFolder(am.model, tokDir, opts.outDir, { dtype: recipe.output.dtype, overwrite: opts.overwrite, inputs });
         await writeFile(join(result.outDir, 'adamerge.json'), JSON.stringify(result, null, 2) + '\n');
         await writeFile(join(result.outDir, ADAMERGE_CONFIG), adaMergeRecipeAsRun(recipe, { text: opts.recipeYaml, from: opts.recipeFile, steps: opts.steps, file: ADAMERGE_CONFIG }));
       }

@@ -18,7 +18,7 @@ import { stat, writeFile } from 'node:fs/promises';
 import { basename, isAbsolute, join, resolve } from 'node:path';
 import { stringify as stringifyYaml } from 'yaml';
 import { AmalgamError } from '../errors.js';
-import { copyFileWritable, realOrResolved, withStagingDir } from '../io/atomic-dir.js';
+import { checkOutputFolder, copyFileWritable, realOrResolved, withStagingDir } from '../io/atomic-dir.js';
 import { getConfigDtype, HF_EXTRA_FILES, readHfConfig, setConfigDtype } from '../io/hf.js';
 import { canReadRawInto, openSafetensors, ShardedSafetensorsWriter, writeSafetensorsFile, type TensorData } from '../io/safetensors.js';
 import { FileByteReader, ioError, type TensorSource } from '../io/source.js';
@@ -66,6 +66,8 @@ export interface DamBakeOptions {
   configFrom?: string;
   /** The run configuration, written as `dam_config.yml` (and shown in the model card). */
   recipeYaml?: string;
+  /** Files the run read besides the source folders (recipe, data): the output may not be or hold one. */
+  inputs?: readonly string[];
   info?: DamRunInfo;
 }
 
@@ -360,7 +362,7 @@ async function writeDamFolder(a: WriteFolderArgs): Promise<DamBakeResult> {
       }
       return stage.target;
     },
-    { overwrite: opts.overwrite, inputs: [...(a.folders ?? []), ...(a.configFrom ? [a.configFrom] : [])] },
+    { overwrite: opts.overwrite, inputs: [...(a.folders ?? []), ...(a.configFrom ? [a.configFrom] : []), ...(opts.inputs ?? [])] },
   );
   return { outDir, files: [...weightFiles, ...other], weightFiles, tensors: a.tensors.length, bytesWritten, elapsedMs: Date.now() - started };
 }
@@ -488,6 +490,7 @@ async function checkRecordedSources(
 export async function bakeFromMergers(sourceDirs: readonly string[], mergersPath: string, outDir: string, opts: DamBakeFromMergersOptions = {}): Promise<DamBakeResult> {
   const n = sourceDirs.length;
   if (n < 2) throw new AmalgamError('E_USAGE', `DAM merges at least 2 models, got ${n}`);
+  await checkOutputFolder(outDir, { overwrite: opts.overwrite, inputs: [...sourceDirs, mergersPath, ...(opts.inputs ?? [])] });
   const mergers = await openSafetensors(mergersPath);
   const sources: TensorSource[] = [];
   try {
@@ -588,7 +591,7 @@ export async function bakeFromMergers(sourceDirs: readonly string[], mergersPath
       models: sourceDirs.map((d) => resolve(d)),
       folders: [...sourceDirs],
       fingerprints,
-      opts: { ...opts, info },
+      opts: { ...opts, info, inputs: [mergersPath, ...(opts.inputs ?? [])] },
     });
   } finally {
     await Promise.all([mergers, ...sources].map((s) => s.close().catch(() => {})));

@@ -12,6 +12,7 @@ import { BatchSampler, encodeExamples, packWindows } from '../data/batching.js';
 import { readDataset } from '../data/datasets.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { readHfConfig } from '../io/hf.js';
+import { checkOutputFolder } from '../io/atomic-dir.js';
 import { Rng } from '../tensor/rng.js';
 import { clipGradNorm, gradNorm, type OptimParam } from '../train/optimizer.js';
 import { bakeDam, DAM_CONFIG, type DamBakeResult, type DamRunInfo } from './bake.js';
@@ -286,6 +287,9 @@ export interface RunDamResult extends DamTrainResult {
 export async function runDam(recipe: DamRecipe, opts: RunDamOptions = {}): Promise<RunDamResult> {
   const baseDir = opts.baseDir ?? '.';
   const folders = recipe.models.map((m) => resolve(baseDir, m.model));
+  // Everything the run reads: the output may not be or hold any of it.
+  const inputs = [...folders, ...recipe.models.map((m) => resolve(baseDir, m.data.path)), ...(opts.recipeFile ? [opts.recipeFile] : [])];
+  if (opts.outDir) await checkOutputFolder(opts.outDir, { overwrite: opts.overwrite, inputs });
   const data = await loadDamData(recipe, baseDir);
   const dam = await DamModel.fromFolders(folders, { ...recipe.merge, seed: recipe.train.seed });
   try {
@@ -325,6 +329,7 @@ export async function runDam(recipe: DamRecipe, opts: RunDamOptions = {}): Promi
     };
     const bake = await bakeDam(dam, opts.outDir, {
       overwrite: opts.overwrite,
+      inputs,
       dtype: recipe.output.dtype,
       outShardSize: recipe.output.shardSize,
       recipeYaml: opts.recipeYaml === undefined ? undefined : damRecipeAsRun(opts.recipeYaml, baseDir, { from: opts.recipeFile, steps: opts.steps, file: DAM_CONFIG }),

@@ -15,6 +15,7 @@ import { scoreDomains, type DomainScores, type EvalSet } from './fitness.js';
 import { GroupedMerge, type GenomeEntry } from './merge.js';
 import { loadMergeModels } from './models.js';
 import { evolveRecipeAsRun, type EvolveRecipe } from './recipe.js';
+import { checkOutputFolder } from '../io/atomic-dir.js';
 
 export interface EvolveOptions {
   /** 'nll' (default): minimise the mean validation NLL; 'accuracy': maximise the mean next-token accuracy. */
@@ -169,6 +170,9 @@ export interface RunEvolveResult extends EvolveResult {
 /** The whole evolutionary merge of a recipe: load, search, score on the test data, write. */
 export async function runEvolve(recipe: EvolveRecipe, opts: RunEvolveOptions = {}): Promise<RunEvolveResult> {
   const log = opts.log ?? (() => {});
+  // Everything the run reads: the output may not be or hold any of it.
+  const inputs = [...[...(recipe.baseModel ? [recipe.baseModel] : []), ...recipe.models.map((m) => m.path)], ...recipe.data.map((d) => d.path), ...recipe.test.map((d) => d.path), ...(opts.recipeFile ? [opts.recipeFile] : [])];
+  if (opts.outDir) await checkOutputFolder(opts.outDir, { overwrite: opts.overwrite, inputs });
   const loaded = await loadMergeModels(
     recipe.method === 'linear' ? null : recipe.baseModel,
     recipe.models.map((m) => m.path),
@@ -214,7 +218,7 @@ export async function runEvolve(recipe: EvolveRecipe, opts: RunEvolveOptions = {
       const result: RunEvolveResult = { ...r, method: recipe.method, groups: [...merge.groups], models: [...loaded.ids] };
       if (startTest) result.test = { start: startTest, best: scoreDomains(merge.model, test, { batchSize: recipe.evalBatchSize }) };
       if (opts.outDir) {
-        result.outDir = await saveModelFolder(merge.model, tokDir, opts.outDir, { dtype: recipe.output.dtype, overwrite: opts.overwrite });
+        result.outDir = await saveModelFolder(merge.model, tokDir, opts.outDir, { dtype: recipe.output.dtype, overwrite: opts.overwrite, inputs });
         await writeFile(join(result.outDir, 'evolve.json'), JSON.stringify(result, null, 2) + '\n');
         await writeFile(join(result.outDir, EVOLVE_CONFIG), evolveRecipeAsRun(recipe, { text: opts.recipeYaml, from: opts.recipeFile, evaluations: opts.evaluations, file: EVOLVE_CONFIG }));
       }

@@ -168,6 +168,8 @@ export interface SaveModelOptions {
   /** Data type of the written weights (default F32). */
   dtype?: FloatDType;
   overwrite?: boolean;
+  /** Files and folders the model was made from, besides the source folder: the output may not be or hold one. */
+  inputs?: readonly string[];
   /** Classification head to save as `score.weight` (the config then names LlamaForSequenceClassification). */
   head?: SequenceClassificationHead | null;
   labelNames?: string[];
@@ -229,7 +231,7 @@ export async function saveModelFolder(model: LlamaModel, srcDir: string, outDir:
       }
       return stage.target;
     },
-    { overwrite: opts.overwrite, inputs: [srcDir] },
+    { overwrite: opts.overwrite, inputs: [srcDir, ...(opts.inputs ?? [])] },
   );
 }
 
