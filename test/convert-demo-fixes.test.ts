@@ -272,3 +272,25 @@ test('the demo writes into a new, empty or earlier demo folder and refuses anyth
   assert.doesNotMatch(help.stdout, /replaced if it exists/);
   assert.match(help.stdout.replace(/\s+/g, ' '), /a new or empty folder, or the folder of an earlier demo \(whose files are replaced\); a folder holding anything else is refused/);
 });
+
+test('a temporary folder that cannot be made, and a GGUF file given where a model folder is needed, get one-line errors', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'amalgam-tmpdir-'));
+  const saved = process.env['TMPDIR'];
+  try {
+    const file = join(dir, 'model.gguf');
+    await writeFile(file, 'GGUF');
+    process.env['TMPDIR'] = join(dir, 'missing');
+    await assert.rejects(
+      withModelFolder(file, async () => 0),
+      /cannot make a temporary folder to convert .*model\.gguf into: .*\(set TMPDIR to a folder that exists and can be written/,
+    );
+    if (saved === undefined) delete process.env['TMPDIR'];
+    else process.env['TMPDIR'] = saved;
+    const { bakeAdapter } = await import('../src/lora/apply.js');
+    await assert.rejects(bakeAdapter(file, join(dir, 'adapter'), join(dir, 'out')), /model\.gguf: expected a model folder, got a file \(.*amalgam convert .*model\.gguf <folder>\)/);
+  } finally {
+    if (saved === undefined) delete process.env['TMPDIR'];
+    else process.env['TMPDIR'] = saved;
+    await rm(dir, { recursive: true, force: true });
+  }
+});

@@ -149,7 +149,16 @@ export async function withModelFolder<T>(path: string, fn: (dir: string) => Prom
     if (problem) throw problem;
     return fn(path);
   }
-  const tmp = await mkdtemp(join(tmpdir(), 'amalgam-model-'));
+  let tmp: string;
+  try {
+    tmp = await mkdtemp(join(tmpdir(), 'amalgam-model-'));
+  } catch (e) {
+    throw new AmalgamError('E_IO', `cannot make a temporary folder to convert ${path} into: ${(e as Error).message}`, {
+      file: tmpdir(),
+      hint: 'set TMPDIR to a folder that exists and can be written, or convert the model once with amalgam convert',
+      cause: e,
+    });
+  }
   const release = watchTemporaryFolder(tmp);
   const dir = join(tmp, 'model');
   try {

@@ -70,7 +70,8 @@ async function statOrNull(path: string) {
   }
 }
 
-async function requireFolder(dir: string): Promise<void> {
+/** Fails unless `dir` is a folder, with a hint for a file given instead (convert a GGUF / llama2.c file). */
+export async function requireFolder(dir: string): Promise<void> {
   const st = await statOrNull(dir);
   if (!st) {
     throw new AmalgamError('E_IO', 'model folder does not exist', { file: dir, hint: 'check the path; a model is a folder with config.json and *.safetensors weights' });

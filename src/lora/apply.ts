@@ -17,7 +17,7 @@ import { readdir } from 'node:fs/promises';
 import { isAbsolute, join, resolve } from 'node:path';
 import { AmalgamError } from '../errors.js';
 import { copyFileWritable, withStagingDir } from '../io/atomic-dir.js';
-import { CONFIG_FILE, HF_EXTRA_FILES, readJsonObject } from '../io/hf.js';
+import { CONFIG_FILE, HF_EXTRA_FILES, readJsonObject, requireFolder } from '../io/hf.js';
 import { readPeftAdapter, targetsModule, type LoraModule, type PeftAdapter, type SavedModuleTensor } from '../io/peft.js';
 import { INDEX_FILE, openSafetensors, ShardedSafetensorsWriter, type RawIntoSource, type TensorLocation } from '../io/safetensors.js';
 import type { TensorInfo, TensorSource } from '../io/source.js';
@@ -335,6 +335,7 @@ export interface BakeResult {
 export async function bakeAdapter(baseDir: string, adapterDir: string, outDir: string, opts: BakeOptions = {}): Promise<BakeResult> {
   const started = Date.now();
   const absBase = resolve(baseDir);
+  await requireFolder(absBase);
   await readJsonObject(join(absBase, CONFIG_FILE));
   const source = await AdaptedTensorSource.open(await openSafetensors(absBase), isAbsolute(adapterDir) ? adapterDir : resolve(adapterDir), { baseLabel: absBase });
   try {

@@ -14,7 +14,7 @@
  */
 import { join, resolve } from 'node:path';
 import { AmalgamError } from '../errors.js';
-import { CONFIG_FILE, readJsonObject } from '../io/hf.js';
+import { CONFIG_FILE, readJsonObject, requireFolder } from '../io/hf.js';
 import { openSafetensors } from '../io/safetensors.js';
 import type { TensorInfo, TensorSource } from '../io/source.js';
 import { decodeToF32, isFloatDType, type FloatDType } from '../tensor/dtype.js';
@@ -116,6 +116,8 @@ export async function extractLora(baseDir: string, ftDir: string, outDir: string
   };
   const absBase = resolve(baseDir);
   const absFt = resolve(ftDir);
+  await requireFolder(absBase);
+  await requireFolder(absFt);
   const base = await openModel(absBase);
   let ft: TensorSource | undefined;
   try {
