@@ -599,6 +599,21 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
           { maxShardBytes: shardSize, metadata: { format: 'pt' }, indexMetadata: { amalgam_version: AMALGAM_VERSION }, directWrites: true },
         );
         try {
+          /** Reads a tensor's inputs as stored into reused buffers; returns the bytes read. */
+          const readStoredInputs = async (t: PlannedTensor, out: ComputeInput[]): Promise<number> => {
+            let n = 0;
+            const read = await Promise.all(
+              t.inputs.map(async (i): Promise<ComputeInput> => {
+                const bytes = byteSize(i.dtype, numel(i.shape))!;
+                const data = new Uint8Array(buffers.take(bytes), 0, bytes);
+                await (sources.get(i.model) as RawIntoSource).readRawInto(i.tensor, data);
+                n += bytes;
+                return { model: i.model, shape: i.shape, raw: data, dtype: i.dtype };
+              }),
+            );
+            out.push(...read);
+            return n;
+          };
           const compute = async (t: PlannedTensor): Promise<{ bytes: Uint8Array; readBytes: number; reuse: (ArrayBuffer | SharedArrayBuffer)[] }> => {
             if (t.kind === 'copy') {
               const i = t.inputs.find((x) => x.model === t.base) ?? t.inputs[0]!;
@@ -625,30 +640,11 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               outBuffer = buffers.takeShared(byteSize(t.dtype, numel(t.shape))! + outOffset);
             } else if (stored.has(t.index)) {
               buffers.trim(Math.max(0, flightBudget - inFlightCost));
-              const read = await Promise.all(
-                t.inputs.map(async (i): Promise<ComputeInput> => {
-                  const bytes = byteSize(i.dtype, numel(i.shape))!;
-                  const raw = new Uint8Array(buffers.take(bytes), 0, bytes);
-                  const src = sources.get(i.model)!;
-                  if (canReadRawInto(src)) await src.readRawInto(i.tensor, raw);
-                  readBytes += bytes;
-                  return { model: i.model, shape: i.shape, raw, dtype: i.dtype };
-                }),
-              );
-              inputs.push(...read);
+              readBytes += await readStoredInputs(t, inputs);
               outBuffer = buffers.take(byteSize(t.dtype, numel(t.shape))!);
             } else if (raw.has(t.index)) {
               buffers.trim(Math.max(0, flightBudget - inFlightCost));
-              const read = await Promise.all(
-                t.inputs.map(async (i): Promise<ComputeInput> => {
-                  const bytes = byteSize(i.dtype, numel(i.shape))!;
-                  const data = new Uint8Array(buffers.take(bytes), 0, bytes);
-                  await (sources.get(i.model) as RawIntoSource).readRawInto(i.tensor, data);
-                  readBytes += bytes;
-                  return { model: i.model, shape: i.shape, raw: data, dtype: i.dtype };
-                }),
-              );
-              inputs.push(...read);
+              readBytes += await readStoredInputs(t, inputs);
               const phase = writer.writesDirect ? writer.positionOf(t.name) % DIRECT_ALIGN : 0;
               outOffset = phase % (byteSize(t.dtype, 1) ?? 4) === 0 ? phase : 0;
               outBuffer = buffers.takeShared(byteSize(t.dtype, numel(t.shape))! + outOffset);
