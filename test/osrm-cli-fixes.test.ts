@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { adapterLabelNames } from '../src/train/checkpoint.js';
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
@@ -177,7 +178,8 @@ test('osrm run: the adapters record the statistics settings of OSRM initialisati
   assert.equal(osrm.base_model_name_or_path, join(out, 'base-model'));
   assert.deepEqual((await cfg('standard')).amalgam_init, { kind: 'standard', freeze: 'none', seed: 0, tasks: ['domain', 'pronoun'] });
   // The domain task's three classes are recorded, as eval --adapter reads them.
-  const named = (await cfg('standard')) as unknown as { id2label: Record<string, string>; label2id: Record<string, number> };
-  assert.deepEqual(named.id2label, { 0: 'LABEL_0', 1: 'LABEL_1', 2: 'LABEL_2' });
-  assert.deepEqual(named.label2id, { LABEL_0: 0, LABEL_1: 1, LABEL_2: 2 });
+  const recorded = await adapterLabelNames(join(out, 'adapters', 'seed-0', 'standard', 'domain'));
+  assert.deepEqual(recorded?.names, ['LABEL_0', 'LABEL_1', 'LABEL_2']);
+  assert.match(recorded!.file, /adapter_model\.safetensors$/);
+  assert.equal('id2label' in (await cfg('standard')), false);
 });

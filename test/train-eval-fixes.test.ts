@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { convertToHf } from '../src/convert/to-hf.js';
 import { parseJsonl, parseTsv } from '../src/data/datasets.js';
 import { AmalgamError } from '../src/errors.js';
-import { openSafetensors } from '../src/io/safetensors.js';
+import { openSafetensors, writeSafetensorsFile } from '../src/io/safetensors.js';
 import { evaluateFile, type ClassifyEvalReport } from '../src/train/evaluate.js';
 import { parseLoraSpec } from '../src/train/options.js';
 import { runTraining, type RunTrainingOptions } from '../src/train/trainer.js';
@@ -60,9 +60,14 @@ describe('classification labels of adapters (eval --adapter)', () => {
     const adapter = join(root, 'adapter-rte');
     const r = await runTraining(base, rteTrain, adapter, { ...TINY, steps: 3, task: 'classify', lora: parseLoraSpec('r=4,alpha=8') });
     assert.deepEqual(r.labelNames, ['entailment', 'not_entailment']);
+    // In the weights' metadata, not in adapter_config.json (older PEFT refuses unknown keys there).
     const cfg = JSON.parse(await readFile(join(adapter, 'adapter_config.json'), 'utf8'));
-    assert.deepEqual(cfg.id2label, { '0': 'entailment', '1': 'not_entailment' });
-    assert.deepEqual(cfg.label2id, { entailment: 0, not_entailment: 1 });
+    assert.equal('id2label' in cfg, false);
+    const weights = await openSafetensors(join(adapter, 'adapter_model.safetensors'));
+    const tensors = await Promise.all(weights.tensors().map(async (t) => ({ name: t.name, dtype: t.dtype, shape: t.shape.slice(), data: await weights.readRaw(t.name) })));
+    const metadata = { ...weights.metadata };
+    await weights.close();
+    assert.deepEqual(JSON.parse(metadata['id2label']!), { '0': 'entailment', '1': 'not_entailment' });
 
     // Only "not_entailment" rows: they must be class 1, as in training.
     const warnings: string[] = [];
@@ -85,14 +90,13 @@ describe('classification labels of adapters (eval --adapter)', () => {
     assert.deepEqual(swapped.support, [12, 0]);
     assert.equal(warnings.length, 1);
     assert.match(warnings[0]!, /--labels not_entailment,entailment differ from the class names recorded with the adapter's head \(entailment, not_entailment/);
-    assert.match(warnings[0]!, /adapter_config\.json/);
+    assert.match(warnings[0]!, /adapter_model\.safetensors/);
 
     // An adapter without recorded names: the file alone numbers the labels, with a warning.
     const bare = join(root, 'adapter-rte-bare');
     await cp(adapter, bare, { recursive: true });
-    delete cfg.id2label;
-    delete cfg.label2id;
-    await writeFile(join(bare, 'adapter_config.json'), JSON.stringify(cfg));
+    delete metadata['id2label'];
+    await writeSafetensorsFile(join(bare, 'adapter_model.safetensors'), tensors, metadata);
     const bareWarnings: string[] = [];
     const old = (await evaluateFile(base, rteNot, { task: 'classify', adapter: bare, maxLength: 24, onWarning: (m) => bareWarnings.push(m) })) as ClassifyEvalReport;
     assert.deepEqual(old.support, [12, 0]);

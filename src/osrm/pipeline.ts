@@ -22,7 +22,7 @@ import { SCORE_WEIGHT, type SequenceClassificationHead } from '../nn/heads.js';
 import { detachLora, loraModules, type LoraInitContext } from '../nn/lora.js';
 import type { LlamaModel } from '../nn/model.js';
 import { Rng } from '../tensor/rng.js';
-import { labelMaps, loadModel } from '../train/checkpoint.js';
+import { labelMetadata, loadModel } from '../train/checkpoint.js';
 import { trainModel } from '../train/trainer.js';
 import { loraInitHook, orthonormalityError, orthonormalControlInit, osrmInit, othersSecondMoment, rayleighQuotients, type TaskInit } from './init.js';
 import { osrmInitParallel } from './parallel.js';
@@ -403,9 +403,9 @@ export async function runOsrmPipeline(recipe: ResolvedOsrmRecipe, opts: OsrmRunO
                 taskType: 'SEQ_CLS',
                 baseModel: modelDir,
                 modulesToSave: ['score'],
-                extraConfig: { ...labelMaps(task.labelNames), amalgam_init: { kind: variant.init, freeze: variant.freeze, seed, ...initSettings(variant.init, recipe.osrm), tasks: tasks.map((t) => t.name) } },
+                extraConfig: { amalgam_init: { kind: variant.init, freeze: variant.freeze, seed, ...initSettings(variant.init, recipe.osrm), tasks: tasks.map((t) => t.name) } },
               },
-              { overwrite: recipe.output.overwrite },
+              { overwrite: recipe.output.overwrite, metadata: labelMetadata(task.labelNames) },
             );
             adapterDir = w.dir;
           }

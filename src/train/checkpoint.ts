@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { AmalgamError } from '../errors.js';
 import { copyFileWritable, withStagingDir } from '../io/atomic-dir.js';
 import { HF_EXTRA_FILES, readJsonObject, setConfigDtype } from '../io/hf.js';
-import { ADAPTER_CONFIG_FILE, readPeftAdapter } from '../io/peft.js';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, readPeftAdapter } from '../io/peft.js';
 import { openSafetensors, ShardedSafetensorsWriter } from '../io/safetensors.js';
 import type { FloatDType } from '../tensor/dtype.js';
 import { addLoraDelta } from '../lora/apply.js';
@@ -37,7 +37,7 @@ export interface LoadedModel {
    * head, else from config.json `id2label`, when present.
    */
   labelNames?: string[];
-  /** The file `labelNames` come from (config.json or adapter_config.json). */
+  /** The file `labelNames` come from (config.json, or the adapter's weights or adapter_config.json). */
   labelNamesFile?: string;
   /** Whether `head` comes from the adapter (rather than the folder's own score.weight). */
   headFromAdapter?: boolean;
@@ -74,6 +74,40 @@ export function labelNamesDiffer(used: readonly string[], recorded: readonly str
   return used.length !== recorded.length || used.some((n, i) => n !== recorded[i]);
 }
 
+/**
+ * The class names a classification adapter records: `id2label` (JSON) in the safetensors
+ * metadata of its weights, where amalgam writes it (PEFT reads no unknown adapter_config.json
+ * keys in older versions), or `id2label` in adapter_config.json. Undefined when neither has them.
+ */
+export async function adapterLabelNames(dir: string): Promise<{ names: string[]; file: string } | undefined> {
+  const weights = join(dir, ADAPTER_WEIGHTS_FILE);
+  const src = await openSafetensors(weights);
+  let raw: string | undefined;
+  try {
+    raw = src.metadata['id2label'];
+  } finally {
+    await src.close();
+  }
+  if (raw !== undefined) {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(raw);
+    } catch {
+      throw new AmalgamError('E_FORMAT', 'the id2label metadata is not JSON', { file: weights, key: '__metadata__.id2label' });
+    }
+    const names = labelNamesFromConfig({ id2label: parsed });
+    if (names) return { names, file: weights };
+  }
+  const configFile = join(dir, ADAPTER_CONFIG_FILE);
+  const names = labelNamesFromConfig(await readJsonObject(configFile));
+  return names ? { names, file: configFile } : undefined;
+}
+
+/** The safetensors metadata that records class names with an adapter (see `adapterLabelNames`). */
+export function labelMetadata(names: readonly string[]): Record<string, string> {
+  return { id2label: JSON.stringify(labelMaps(names).id2label) };
+}
+
 /** `id2label` and `label2id` entries for class names in id order. */
 export function labelMaps(names: readonly string[]): { id2label: Record<string, string>; label2id: Record<string, number> } {
   return { id2label: Object.fromEntries(names.map((n, i) => [String(i), n])), label2id: Object.fromEntries(names.map((n, i) => [n, i])) };
@@ -104,9 +138,9 @@ export async function loadModel(dir: string, opts: LoadModelOptions = {}): Promi
         // The folder's id2label, if any, names the classes of another head.
         head = adapterHead;
         headFromAdapter = true;
-        const adapterConfigFile = join(opts.adapter, ADAPTER_CONFIG_FILE);
-        labelNames = labelNamesFromConfig(await readJsonObject(adapterConfigFile));
-        labelNamesFile = labelNames ? adapterConfigFile : undefined;
+        const recorded = await adapterLabelNames(opts.adapter);
+        labelNames = recorded?.names;
+        labelNamesFile = recorded?.file;
       }
     }
     return { model, hfConfig, head, labelNames, labelNamesFile, headFromAdapter };
@@ -281,9 +315,8 @@ export async function saveAdapterFolder(model: LlamaModel, outDir: string, opts:
       baseModel: opts.baseModel,
       modulesToSave: opts.head ? ['score'] : undefined,
       dropout: opts.dropout,
-      extraConfig: opts.head ? labelMaps(headLabelNames(opts.head, opts.labelNames)) : undefined,
     },
-    { dtype: opts.dtype, overwrite: opts.overwrite },
+    { dtype: opts.dtype, overwrite: opts.overwrite, ...(opts.head ? { metadata: labelMetadata(headLabelNames(opts.head, opts.labelNames)) } : {}) },
   );
   return w.dir;
 }
