@@ -221,8 +221,11 @@ export class GemmPool {
     }
     const d = this.descI32;
     const total = split.byRows ? args[1] - args[0] : args[3] - args[2];
+    // Withdraw the previous job first: a worker still looping on it, which read its tag and then
+    // this job's chunk count, must not claim a chunk (and count it done) before this job is set up.
+    Atomics.store(d, D_NEXT >> 2, 0);
     d[D_DONE >> 2] = 0;
-    d[D_CHUNKS >> 2] = split.chunks;
+    Atomics.store(d, D_CHUNKS >> 2, split.chunks);
     d[D_BY_ROWS >> 2] = split.byRows ? 1 : 0;
     d[D_TOTAL >> 2] = total;
     d[D_UNIT >> 2] = split.unit;
@@ -276,7 +279,9 @@ export class GemmPool {
       return;
     }
     const jc = this.jc;
-    jc[J_COUNT] = count;
+    // As in gemm: withdraw the previous jobs before describing these.
+    Atomics.store(jc, J_NEXT, 0);
+    Atomics.store(jc, J_COUNT, count);
     jc[J_KIND] = kind;
     jc[J_DESC] = desc;
     jc[J_DONE] = 0;
