@@ -215,6 +215,7 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
   bf16: bool,
   outBf16: bool,
   ties: bool,
+  deltas: bool,
 ): void {
   const consensus = (flags & 1) != 0;
   const normalize = (flags & 2) != 0;
@@ -240,7 +241,7 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
       px += stride;
       const x = load4(px, i, bf16);
       if (track) mx = maxMagnitude(mx, x);
-      const tau = f32x4.sub(x, b);
+      const tau = deltas ? x : f32x4.sub(x, b);
       const key = v128.and(tau, abs);
       const thr = v128.load32_splat(pp);
       let keep = i32x4.gt_s(key, thr);
@@ -275,6 +276,7 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
     }
     if (scale) val = f32x4.mul(val, vlambda);
     const o = f32x4.add(b, val);
+    if (deltas) mx = maxMagnitude(mx, o);
     if (outBf16) {
       const isNan = i32x4.gt_u(v128.and(o, abs), i32x4.splat(0x7f800000));
       const hi = i32x4.shr_u(o, 16);
@@ -287,7 +289,7 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
     }
     if (ties) idx = i32x4.add(idx, four);
   }
-  if (track) noteNaN(mx);
+  if (track || deltas) noteNaN(mx);
 }
 
 // The combine for at most 4 models, without the ties rule, for chunks whose values are known to
@@ -423,7 +425,9 @@ export function combineFinite(pbase: usize, stride: usize, m: i32, n: i32, prm: 
  * Per model, `prm + 16k` holds the keep rule (thr: keys above it are kept; cut: with flag 64, a
  * key equal to thr is kept below this chunk-relative index) and the float32 weight (at +8).
  * flags: 1 sign consensus, 2 normalize, 4 scale by lambda, 8 BF16 input (else F32), 16 BF16
- * output (else F32), 32 note NaN inputs, 64 apply the ties rule. `pscratch` holds 16 bytes per
+ * output (else F32), 32 note NaN inputs, 64 apply the ties rule, 128 the models' chunks hold
+ * float32 task vectors already (the unfused pipeline's sparsified ones: no x − base; F32 in and
+ * out, no ties rule; NaN outputs are noted). `pscratch` holds 16 bytes per
  * model. All arithmetic is float32 (`lambda` and `scalarDiv` are float32 values).
  */
 export function combine(
@@ -441,21 +445,25 @@ export function combine(
   const bf16 = (flags & 8) != 0;
   const outBf16 = (flags & 16) != 0;
   const ties = (flags & 64) != 0;
+  if ((flags & 128) != 0) {
+    combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, false, true);
+    return;
+  }
   if (ties) {
     if (bf16) {
-      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, true);
-      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, true);
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, true, false);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, true, false);
     } else {
-      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, true);
-      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, true);
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, true, false);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, true, false);
     }
   } else {
     if (bf16) {
-      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, false);
-      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, false);
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, false, false);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, false, false);
     } else {
-      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, false);
-      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, false);
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, false, false);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, false, false);
     }
   }
 }

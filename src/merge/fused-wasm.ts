@@ -133,6 +133,71 @@ export function kernelMemory(bytes: number): Buffer | null {
   return Buffer.from(state.memory.buffer);
 }
 
+/** Values per block of `combineDeltas`. */
+export const DELTA_BLOCK = 16384;
+
+/**
+ * `combineTaskVectors` (gta.ts) in WebAssembly SIMD: the weighting, sign consensus, sums,
+ * division, λ and base + mixed of float32 task vectors, block by block through the kernel's
+ * scratch memory (below the prefetch areas of a merge worker), into `out`. For each block of at
+ * most `DELTA_BLOCK` values, `fill(k, start, len, dst)` writes model k's task vector values
+ * [start, start + len) to `dst`. The arithmetic is float32 in the same order, so every value
+ * equals the TypeScript one; NaN payloads may differ, so a block with a NaN output is left to
+ * `redo` (the TypeScript combine of that block). `weights`, `lambda` and `scalarDivisor` are
+ * float32 values. False, having done nothing, where the kernels are not available.
+ */
+export function combineDeltas(
+  base: Float32Array,
+  models: number,
+  fill: (k: number, start: number, len: number, dst: Float32Array) => void,
+  weights: readonly number[],
+  s: { consensus: boolean; normalize: boolean; lambda: number; scalarDivisor: number },
+  out: Float32Array,
+  redo: (start: number, len: number) => void,
+): boolean {
+  const state = mergeWasm();
+  const M = models;
+  if (!state || M === 0) return false;
+  const n = base.length;
+  const stride = DELTA_BLOCK * 4;
+  const pIn = WASM_BASE;
+  const pParams = pIn + (M + 1) * stride;
+  const pScratch = pParams + M * 16;
+  const pOut = pScratch + M * 16;
+  const end = pOut + stride;
+  if (end > kernelRegionEnd(M + 1)) return false;
+  const have = state.memory.buffer.byteLength;
+  if (end > have) state.memory.grow(Math.ceil((end - have) / PAGE));
+  const sab = state.memory.buffer;
+  const f32 = new Float32Array(sab);
+  const i32 = new Int32Array(sab);
+  for (let k = 0; k < M; k++) {
+    const p = (pParams >>> 2) + 4 * k;
+    i32[p] = -1; // every value kept: no key is below 0
+    i32[p + 1] = -1;
+    f32[p + 2] = weights[k]!;
+  }
+  const slots: Float32Array[] = [];
+  for (let k = 0; k <= M; k++) slots.push(new Float32Array(sab, pIn + k * stride, DELTA_BLOCK));
+  const flags = (s.consensus ? 1 : 0) | (s.normalize ? 2 : 0) | (s.lambda !== 1 ? 4 : 0) | 128;
+  for (let start = 0; start < n; start += DELTA_BLOCK) {
+    const len = Math.min(DELTA_BLOCK, n - start);
+    const len4 = (len + 3) & ~3;
+    slots[0]!.set(base.subarray(start, start + len));
+    if (len4 > len) slots[0]!.fill(0, len, len4);
+    for (let k = 0; k < M; k++) {
+      const dst = slots[k + 1]!;
+      fill(k, start, len, dst.subarray(0, len));
+      if (len4 > len) dst.fill(0, len, len4);
+    }
+    state.exports.clearNaN();
+    state.exports.combine(pIn, stride, M, len4, pParams, flags, s.lambda, s.scalarDivisor, pOut, pScratch);
+    if (state.exports.sawNaN()) redo(start, len);
+    else out.set(f32.subarray(pOut >>> 2, (pOut >>> 2) + len), start);
+  }
+  return true;
+}
+
 /** The most memory a thread's kernel can address (a 32-bit WebAssembly memory). */
 export const KERNEL_MEMORY_MAX = 65536 * PAGE;
 

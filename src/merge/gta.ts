@@ -6,10 +6,11 @@
 import { AmalgamError } from '../errors.js';
 import { copyOf, maskSourceOf, output, splitBase } from './common.js';
 import { globalBool, globalNumber, modelNumber, resolvedModelNumber } from './params.js';
-import { checkDellaEpsilon, sparsify, zeroedWarning, type SparsifyMethod } from './sparsify.js';
+import { checkDellaEpsilon, dellaProbabilities, RESCALE_EPS, sparsify, zeroedWarning, type SparsifyMethod } from './sparsify.js';
 import { cutSubmatrix, sameShape, shapeString, subtract } from './tensor-ops.js';
-import type { MergeContext, MergeInput, MergeMethod, MergeOutput, ParamSpec, ResolvedParams, ValidateContext } from './types.js';
+import type { MaskSource, MergeContext, MergeInput, MergeMethod, MergeOutput, ParamSpec, ResolvedParams, ValidateContext } from './types.js';
 import { fusedGta } from './fused.js';
+import { combineDeltas } from './fused-wasm.js';
 import {
   scalarDivisorOf,
   storedLength,
@@ -83,57 +84,188 @@ export function combineTaskVectors(
   normalize: boolean,
   lambda: number,
 ): Float32Array {
+  const fill: DeltaFill = (k, start, len, dst) => dst.set(deltas[k]!.subarray(start, start + len));
+  return combineFilled(base, deltas.length, fill, weights, consensus, normalize, lambda);
+}
+
+/** Writes model k's task vector values [start, start + len) to `dst` (of length len). */
+type DeltaFill = (k: number, start: number, len: number, dst: Float32Array) => void;
+
+/** Tensors at least this large are combined by the WebAssembly kernel where it is available. */
+const WASM_COMBINE_MIN = 4096;
+
+/**
+ * `combineTaskVectors` of `models` task vectors given block by block by `fill`: in WebAssembly
+ * SIMD where available (`combineDeltas`), else (and for blocks with a NaN result) in TypeScript.
+ */
+function combineFilled(
+  base: Float32Array,
+  models: number,
+  fill: DeltaFill,
+  weights: readonly number[],
+  consensus: ConsensusMethod | null,
+  normalize: boolean,
+  lambda: number,
+): Float32Array {
   const n = base.length;
-  const m = deltas.length;
   const out = new Float32Array(n);
   const wf = weights.map((w) => Math.fround(w));
   const lam = Math.fround(lambda);
   const scalarDivisor = scalarDivisorOf(weights);
-  // Model-major passes over blocks keep the inner loops monomorphic. Float32Array stores round
-  // each float64 result to float32; for +, ·, / of float32 operands that equals the float32 op.
   const B = Math.min(n, COMBINE_BLOCK);
+  const blocks: Float32Array[] = [];
+  for (let k = 0; k < models; k++) blocks.push(new Float32Array(B));
   const total = new Float32Array(B);
   const mixed = new Float32Array(B);
   const divisor = new Float32Array(B);
-  for (let start = 0; start < n; start += B) {
-    const len = Math.min(B, n - start);
-    total.fill(0);
+  const js = (from: number, count: number): void => {
+    for (let start = from; start < from + count; start += B) {
+      const len = Math.min(B, from + count - start);
+      for (let k = 0; k < models; k++) fill(k, start, len, blocks[k]!.subarray(0, len));
+      combineBlock(base, blocks, wf, consensus, normalize, lam, scalarDivisor, out, start, len, total, mixed, divisor);
+    }
+  };
+  const settings = { consensus: consensus === 'sum', normalize, lambda: lam, scalarDivisor };
+  if (n >= WASM_COMBINE_MIN && combineDeltas(base, models, fill, wf, settings, out, js)) return out;
+  js(0, n);
+  return out;
+}
+
+/**
+ * Values [start, start + len) of `combineTaskVectors`, from the task vectors' values in
+ * `deltas[k][0, len)`. Model-major passes keep the inner loops monomorphic. Float32Array stores
+ * round each float64 result to float32; for +, ·, / of float32 operands that equals the float32 op.
+ */
+function combineBlock(
+  base: Float32Array,
+  deltas: readonly Float32Array[],
+  wf: readonly number[],
+  consensus: ConsensusMethod | null,
+  normalize: boolean,
+  lam: number,
+  scalarDivisor: number,
+  out: Float32Array,
+  start: number,
+  len: number,
+  total: Float32Array,
+  mixed: Float32Array,
+  divisor: Float32Array,
+): void {
+  const m = deltas.length;
+  total.fill(0, 0, len);
+  for (let k = 0; k < m; k++) {
+    const d = deltas[k];
+    const w = wf[k];
+    for (let j = 0; j < len; j++) total[j] += Math.fround(w * d[j]);
+  }
+  if (consensus === 'sum') {
+    // Elected sign: + where the weighted sum is ≥ 0. Zero deltas never agree.
+    for (let j = 0; j < len; j++) total[j] = total[j] >= 0 ? 1 : -1;
+    mixed.fill(0, 0, len);
+    divisor.fill(0, 0, len);
     for (let k = 0; k < m; k++) {
       const d = deltas[k];
       const w = wf[k];
-      for (let j = 0; j < len; j++) total[j] += Math.fround(w * d[start + j]);
+      for (let j = 0; j < len; j++) {
+        const v = Math.fround(w * d[j]);
+        const agree = +(v * total[j] > 0);
+        mixed[j] += v * agree;
+        divisor[j] += w * agree;
+      }
     }
-    if (consensus === 'sum') {
-      // Elected sign: + where the weighted sum is ≥ 0. Zero deltas never agree.
-      for (let j = 0; j < len; j++) total[j] = total[j] >= 0 ? 1 : -1;
-      mixed.fill(0);
-      divisor.fill(0);
-      for (let k = 0; k < m; k++) {
-        const d = deltas[k];
-        const w = wf[k];
-        for (let j = 0; j < len; j++) {
-          const v = Math.fround(w * d[start + j]);
-          const agree = +(v * total[j] > 0);
-          mixed[j] += v * agree;
-          divisor[j] += w * agree;
-        }
-      }
-      for (let j = 0; j < len; j++) {
-        let v = mixed[j];
-        if (normalize) v = Math.fround(v / (divisor[j] === 0 ? 1 : divisor[j]));
-        if (lam !== 1) v = Math.fround(v * lam);
-        out[start + j] = base[start + j] + v;
-      }
-    } else {
-      for (let j = 0; j < len; j++) {
-        let v = total[j];
-        if (normalize) v = Math.fround(v / scalarDivisor);
-        if (lam !== 1) v = Math.fround(v * lam);
-        out[start + j] = base[start + j] + v;
-      }
+    for (let j = 0; j < len; j++) {
+      let v = mixed[j];
+      if (normalize) v = Math.fround(v / (divisor[j] === 0 ? 1 : divisor[j]));
+      if (lam !== 1) v = Math.fround(v * lam);
+      out[start + j] = base[start + j] + v;
+    }
+  } else {
+    for (let j = 0; j < len; j++) {
+      let v = total[j];
+      if (normalize) v = Math.fround(v / scalarDivisor);
+      if (lam !== 1) v = Math.fround(v * lam);
+      out[start + j] = base[start + j] + v;
     }
   }
-  return out;
+}
+
+/**
+ * DARE's or DELLA's task vectors (random keep-masks, L1 rescale) combined without a task vector,
+ * masked copy or mask application per model held whole: first each model's mask is drawn (DELLA:
+ * from the ranks of its task vector, made for that and dropped), in model order as `sparsify`
+ * draws them, and ‖τ‖₁ and ‖τ ⊙ mask‖₁ summed in index order; then the
+ * combine computes each block's τ = x − base, τ ⊙ mask and the rescale from the inputs. The same
+ * float32 values as taskVector → sparsify → combineTaskVectors. Inputs all of the base's shape.
+ */
+function combineRandomSparsified(
+  method: 'random' | 'della_magprune',
+  ctx: MergeContext,
+  base: MergeInput,
+  others: readonly MergeInput[],
+  masks: MaskSource | undefined,
+  rescale: boolean,
+  consensus: ConsensusMethod | null,
+  normalize: boolean,
+  lambda: number,
+): Float32Array {
+  const b = base.data;
+  const n = b.length;
+  // Per model: keep all (density ≥ 1), none (density ≤ 0), or a mask and its rescale factor.
+  const keep: ({ mask: Uint8Array; scale: number | undefined } | 'all' | 'none')[] = [];
+  const weights: number[] = [];
+  for (const x of others) {
+    const density = modelNumber(ctx, x.model, 'density');
+    checkDensity(density, ctx.tensorName, x.model);
+    if (density >= 1 || density <= 0) {
+      keep.push(density >= 1 ? 'all' : 'none');
+      weights.push(modelNumber(ctx, x.model, 'weight'));
+      continue;
+    }
+    if (!masks) throw new AmalgamError('E_USAGE', `${method} sparsification needs a random source`, { key: ctx.tensorName });
+    let probability: number | Float32Array = density;
+    if (method === 'della_magprune') {
+      const epsilon = modelNumber(ctx, x.model, 'epsilon');
+      checkDellaEpsilon(density, epsilon, ctx.tensorName, x.model);
+      probability = dellaProbabilities(subtract(x.data, b), base.shape, density, epsilon);
+    }
+    const mask = masks.draw({ tensorName: ctx.tensorName, model: x.model, numel: n, probability });
+    let scale: number | undefined;
+    if (rescale) {
+      const { before, after } = maskedL1(x.data, b, mask);
+      if (before >= RESCALE_EPS && after >= RESCALE_EPS) scale = before / after;
+    }
+    keep.push({ mask, scale });
+    weights.push(modelNumber(ctx, x.model, 'weight'));
+  }
+  const fill: DeltaFill = (k, start, len, dst) => {
+    const x = others[k]!.data;
+    const kk = keep[k]!;
+    if (kk === 'none') dst.fill(0);
+    else if (kk === 'all') for (let j = 0; j < len; j++) dst[j] = x[start + j] - b[start + j];
+    else fillMasked(x, b, kk.mask, kk.scale, start, len, dst);
+  };
+  return combineFilled(b, others.length, fill, weights, consensus, normalize, lambda);
+}
+
+/** ‖x − base‖₁ and ‖(x − base) ⊙ mask‖₁ of float32 task vector values, summed in index order. */
+function maskedL1(x: Float32Array, b: Float32Array, mask: Uint8Array): { before: number; after: number } {
+  let before = 0;
+  let after = 0;
+  for (let i = 0; i < x.length; i++) {
+    const d = Math.fround(x[i] - b[i]);
+    before += Math.abs(d);
+    after += Math.abs(d * mask[i]);
+  }
+  return { before, after };
+}
+
+/** (x − base) ⊙ mask, times `scale` where given, for values [start, start + len), as `applyMask` rounds them. */
+function fillMasked(x: Float32Array, b: Float32Array, mask: Uint8Array, scale: number | undefined, start: number, len: number, dst: Float32Array): void {
+  if (scale === undefined) {
+    for (let j = 0; j < len; j++) dst[j] = Math.fround(x[start + j] - b[start + j]) * mask[start + j];
+  } else {
+    for (let j = 0; j < len; j++) dst[j] = Math.fround(Math.fround(x[start + j] - b[start + j]) * mask[start + j]) * scale;
+  }
 }
 
 const VARIANTS = new WeakMap<MergeMethod, GtaVariant>();
@@ -270,6 +402,10 @@ export function makeGtaMethod(v: GtaVariant): MergeMethod {
       const rescale = globalBool(ctx, 'rescale');
       const lambda = globalNumber(ctx, 'lambda');
       const masks = v.sparsification === 'random' || v.sparsification === 'della_magprune' ? maskSourceOf(ctx) : undefined;
+      const random = v.sparsification === 'random' || v.sparsification === 'della_magprune' ? v.sparsification : undefined;
+      if (random && others.every((x) => x.data.length === base!.data.length && sameShape(x.shape, base!.shape))) {
+        return output(combineRandomSparsified(random, ctx, base!, others, masks, rescale, v.consensus, normalize, lambda), base!.shape);
+      }
       const deltas: Float32Array[] = [];
       const weights: number[] = [];
       for (const x of others) {
@@ -287,6 +423,7 @@ export function makeGtaMethod(v: GtaVariant): MergeMethod {
             tensorName: ctx.tensorName,
             model: x.model,
             masks,
+            inPlace: true,
             warn: ctx.warn,
           });
         }

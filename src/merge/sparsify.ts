@@ -17,10 +17,14 @@ export const RESCALE_EPS = 1e-7;
 /**
  * `delta ⊙ mask` (mask values 0 or 1), then, when `rescale` is set, multiplied by ‖delta‖₁ / ‖delta ⊙ mask‖₁ (both
  * norms over the whole tensor; skipped when either is below 1e-7). This is mergekit's L1 rescale,
- * not 1/density.
+ * not 1/density. Into `out` (default a new array), which may be `delta` itself.
  */
-export function applyMask(delta: Float32Array, mask: Uint8Array | Float32Array, rescale: boolean): Float32Array {
-  const out = new Float32Array(delta.length);
+export function applyMask(
+  delta: Float32Array,
+  mask: Uint8Array | Float32Array,
+  rescale: boolean,
+  out: Float32Array = new Float32Array(delta.length),
+): Float32Array {
   let before = 0;
   let after = 0;
   for (let i = 0; i < delta.length; i++) {
@@ -114,12 +118,8 @@ export function rngMaskSource(rng: Rng): MaskSource {
   return {
     draw({ numel, probability }: MaskRequest): Uint8Array {
       const mask = new Uint8Array(numel);
-      if (typeof probability === 'number') {
-        const threshold = probability * 4294967296;
-        for (let i = 0; i < numel; i++) mask[i] = rng.nextU32() < threshold ? 1 : 0;
-      } else {
-        for (let i = 0; i < numel; i++) mask[i] = rng.nextU32() < probability[i] * 4294967296 ? 1 : 0;
-      }
+      if (typeof probability === 'number') rng.fillBernoulli(mask, probability * 4294967296);
+      else rng.fillBernoulliEach(mask, probability);
       return mask;
     },
   };
@@ -177,12 +177,14 @@ export interface SparsifyOptions {
   model: string;
   /** Required by `random` and `della_magprune` when density < 1. */
   masks?: MaskSource;
+  /** The caller gives `delta` up: a random or DELLA mask is applied in place, without a new array. */
+  inPlace?: boolean;
   warn?: (message: string) => void;
 }
 
 /**
- * Sparsifies one task vector. Returns `delta` itself when nothing is removed (density ≥ 1),
- * otherwise a new array.
+ * Sparsifies one task vector. Returns `delta` itself when nothing is removed (density ≥ 1) or
+ * when `inPlace` lets a random or DELLA mask be applied to it, otherwise a new array.
  */
 export function sparsify(delta: Float32Array, o: SparsifyOptions): Float32Array {
   if (o.density >= 1) return delta;
@@ -204,7 +206,7 @@ export function sparsify(delta: Float32Array, o: SparsifyOptions): Float32Array 
     case 'random': {
       if (o.density <= 0) return new Float32Array(delta.length);
       const mask = needMasks().draw({ tensorName: o.tensorName, model: o.model, numel: delta.length, probability: o.density });
-      return applyMask(delta, mask, o.rescale);
+      return applyMask(delta, mask, o.rescale, o.inPlace ? delta : undefined);
     }
     case 'della_magprune': {
       if (o.density <= 0) return new Float32Array(delta.length);
@@ -212,7 +214,7 @@ export function sparsify(delta: Float32Array, o: SparsifyOptions): Float32Array 
       checkDellaEpsilon(o.density, epsilon, o.tensorName, o.model);
       const probability = dellaProbabilities(delta, o.shape, o.density, epsilon);
       const mask = needMasks().draw({ tensorName: o.tensorName, model: o.model, numel: delta.length, probability });
-      return applyMask(delta, mask, o.rescale);
+      return applyMask(delta, mask, o.rescale, o.inPlace ? delta : undefined);
     }
   }
 }

@@ -39,6 +39,61 @@ export class Rng {
     return result;
   }
 
+  /**
+   * Keep-mask draws: `out[i]` = 1 where the i-th draw of `nextU32` is below `threshold`, else 0.
+   * The same draws in the same order as calling `nextU32` per element, with the state held in
+   * locals for the loop (several times faster).
+   */
+  fillBernoulli(out: Uint8Array, threshold: number): void {
+    this.fillMask(out, threshold, undefined);
+  }
+
+  /** Like `fillBernoulli` with a threshold per element: draw i is compared with `probability[i]` · 2³². */
+  fillBernoulliEach(out: Uint8Array, probability: ArrayLike<number>): void {
+    this.fillMask(out, 0, probability);
+  }
+
+  private fillMask(out: Uint8Array, threshold: number, probability: ArrayLike<number> | undefined): void {
+    let s0 = this.s0 | 0;
+    let s1 = this.s1 | 0;
+    let s2 = this.s2 | 0;
+    let s3 = this.s3 | 0;
+    const n = out.length;
+    // r < T as 1 or 0 without a branch (random outcomes defeat branch prediction): r − T is exact
+    // or rounds without changing sign, so ⌊(r − T)·2⁻³²⌋ is −1 exactly when r < T, else 0.
+    if (probability === undefined) {
+      for (let i = 0; i < n; i++) {
+        const x = Math.imul(s1, 5);
+        const r = Math.imul((x << 7) | (x >>> 25), 9) >>> 0;
+        const t = s1 << 9;
+        s2 ^= s0;
+        s3 ^= s1;
+        s1 ^= s2;
+        s0 ^= s3;
+        s2 ^= t;
+        s3 = (s3 << 11) | (s3 >>> 21);
+        out[i] = -Math.floor((r - threshold) * TWO_M32);
+      }
+    } else {
+      for (let i = 0; i < n; i++) {
+        const x = Math.imul(s1, 5);
+        const r = Math.imul((x << 7) | (x >>> 25), 9) >>> 0;
+        const t = s1 << 9;
+        s2 ^= s0;
+        s3 ^= s1;
+        s1 ^= s2;
+        s0 ^= s3;
+        s2 ^= t;
+        s3 = (s3 << 11) | (s3 >>> 21);
+        out[i] = -Math.floor((r - probability[i]! * 4294967296) * TWO_M32);
+      }
+    }
+    this.s0 = s0;
+    this.s1 = s1;
+    this.s2 = s2;
+    this.s3 = s3;
+  }
+
   /** Uniform in [0, 1) with 32 bits of resolution. */
   next(): number {
     return this.nextU32() / 4294967296;
@@ -70,6 +125,9 @@ export class Rng {
     return out;
   }
 }
+
+/** 2⁻³². */
+const TWO_M32 = 2.3283064365386963e-10;
 
 function rotl(x: number, k: number): number {
   return (x << k) | (x >>> (32 - k));
