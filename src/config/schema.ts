@@ -359,18 +359,32 @@ export const tokenizerConfigSchema: z.ZodType<TokenizerConfig> = obj({
 
 export const DTYPES: readonly ConfigDtype[] = ['bfloat16', 'float16', 'float32'];
 
-const DTYPE_ALIASES: Record<string, ConfigDtype> = {
-  bf16: 'bfloat16',
-  'torch.bfloat16': 'bfloat16',
-  fp16: 'float16',
-  f16: 'float16',
-  half: 'float16',
-  'torch.float16': 'float16',
-  fp32: 'float32',
-  f32: 'float32',
-  float: 'float32',
-  'torch.float32': 'float32',
-};
+/** Names mergekit refuses, with the name meant (also after a `torch.` prefix); used for suggestions only. */
+const DTYPE_ALIASES: Record<string, ConfigDtype> = Object.fromEntries(
+  Object.entries({
+    bf16: 'bfloat16',
+    fp16: 'float16',
+    f16: 'float16',
+    half: 'float16',
+    fp32: 'float32',
+    f32: 'float32',
+    float: 'float32',
+  } as Record<string, ConfigDtype>).flatMap(([k, v]) => [[k, v], [`torch.${k}`, v]]),
+);
+
+/**
+ * `dtype` / `out_dtype`: one of DTYPES. mergekit strips a leading `torch.` before looking the
+ * name up, so `torch.bfloat16` is accepted too and read as `bfloat16`.
+ */
+function dtypeSchema(key: string): z.ZodType<ConfigDtype> {
+  const plain = oneOf(DTYPES, key, DTYPE_ALIASES);
+  return dispatch<ConfigDtype>((v) => {
+    if (typeof v === 'string' && v.startsWith('torch.') && (DTYPES as readonly string[]).includes(v.slice(6))) {
+      return z.string().transform((s) => s.slice(6) as ConfigDtype);
+    }
+    return plain;
+  });
+}
 
 export const mergeConfigSchema: z.ZodType<MergeConfig> = obj({
   merge_method: z.string(),
@@ -378,8 +392,8 @@ export const mergeConfigSchema: z.ZodType<MergeConfig> = obj({
   slices: opt(z.array(outputSliceSchema)),
   modules: opt(z.record(z.string(), outputModuleSchema)),
   base_model: opt(modelReferenceSchema),
-  dtype: opt(oneOf(DTYPES, 'dtype', DTYPE_ALIASES)),
-  out_dtype: opt(oneOf(DTYPES, 'out_dtype', DTYPE_ALIASES)),
+  dtype: opt(dtypeSchema('dtype')),
+  out_dtype: opt(dtypeSchema('out_dtype')),
   parameters: parameterMapSchema,
   tokenizer_source: opt(tokenizerSourceSchema),
   tokenizer: opt(tokenizerConfigSchema),

@@ -316,6 +316,58 @@ async function checkModelAdapter(ref: ModelReference, adapter: string, folder: H
 }
 
 // ---------------------------------------------------------------------------------------------
+// Model references
+
+const isModelRef = (v: unknown): v is ModelReference =>
+  v !== null && typeof v === 'object' && !Array.isArray(v) && typeof (v as ModelReference).id === 'string' && typeof (v as ModelReference).model === 'string';
+
+/** The folder (and adapter folder) a local reference reads, independent of how the path is spelled. */
+function referenceKey(ref: ModelReference, baseDir: string): string {
+  const abs = (p: string) => (isAbsolute(p) ? resolve(p) : resolve(baseDir, p));
+  return JSON.stringify([
+    abs(ref.model),
+    ref.revision ?? null,
+    ref.adapter !== undefined ? abs(ref.adapter) : null,
+    ref.adapterRevision ?? null,
+    ref.overrideArchitecture ?? null,
+  ]);
+}
+
+/**
+ * Makes every spelling of one model folder (`./models/a`, `models/a/`, an absolute path) the
+ * same reference: the first one written (base model first, then the inputs in YAML order).
+ * mergekit compares the strings, so a base model listed under another spelling is merged twice.
+ * Returns the configuration unchanged when every folder has one spelling.
+ */
+export function unifyModelReferences(config: MergeConfig, baseDir: string, warn: (m: string) => void = () => {}): MergeConfig {
+  const first = new Map<string, ModelReference>();
+  const note = (ref: ModelReference) => {
+    const key = referenceKey(ref, baseDir);
+    if (!first.has(key)) first.set(key, ref);
+  };
+  referencedModels(config).forEach(note);
+  const renamed = new Map<string, string>();
+  const walk = (v: unknown): unknown => {
+    if (isModelRef(v)) {
+      note(v);
+      const canon = first.get(referenceKey(v, baseDir))!;
+      if (canon.id === v.id) return v;
+      renamed.set(v.id, canon.id);
+      return canon;
+    }
+    if (Array.isArray(v)) return v.map(walk);
+    if (v !== null && typeof v === 'object') {
+      return Object.fromEntries(Object.entries(v as Record<string, unknown>).map(([k, x]) => [k, walk(x)]));
+    }
+    return v;
+  };
+  const out = walk(config) as MergeConfig;
+  if (!renamed.size) return config;
+  for (const [from, to] of renamed) warn(`\`${from}\` and \`${to}\` name the same model folder; both are read as one model, \`${to}\``);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Models
 
 interface OpenedModel {
@@ -745,6 +797,7 @@ export async function planMerge(config: MergeConfig, opts: PlanOptions = {}): Pr
     opts.onWarning?.(m);
   };
   const method: MergeMethod = getMergeMethod(config.merge_method);
+  config = unifyModelReferences(config, resolve(opts.baseDir ?? process.cwd()), warn);
   checkUnsupported(config);
 
   const models = await openModels(config, opts, warn);
@@ -802,6 +855,9 @@ async function buildPlan(
   const kZero: string[] = [];
   /** Rows of the first embedding cut to a common size. */
   let truncatedRows: number | undefined;
+  /** Tied weights written because the tensor they would be tied to comes from other inputs. */
+  const untiedHeads: string[] = [];
+  const donorUntied = configValue(donor.folder.config, 'tie_word_embeddings') === false;
 
   for (const ow of outputWeights(def, outLayers)) {
     let slice: LayoutSlice;
@@ -835,7 +891,17 @@ async function buildPlan(
       if (found.tiedFor !== undefined) input.tiedFor = found.tiedFor;
       inputs.push(input);
     }
-    if (ow.def.optional && !anyPresent) continue;
+    if (ow.def.optional && !anyPresent) {
+      // Every input is tied: leave the weight out and tie it in the output. Except where the
+      // donor's config.json says the output is untied and the tensor it would be tied to is made
+      // from other inputs (a slice stack of an untied model, then a tied one): then the tied
+      // tensors of this weight's own inputs are written under its name.
+      const tiedTo = (ow.def.tiedNames ?? []).map((n) => expandTemplate(n, undefined, outLayers));
+      const target = tensors.find((t) => tiedTo.includes(t.name));
+      const same = (a: PlannedInput[], b: PlannedInput[]) => a.length === b.length && a.every((x, i) => x.model === b[i]!.model && x.tensor === b[i]!.tensor);
+      if (!inputs.length || !target || !donorUntied || same(target.inputs, inputs)) continue;
+      untiedHeads.push(`${ow.name} (from ${inputs.map((i) => `${i.model}'s ${i.tensor}`).join(', ')})`);
+    }
     if (missing.length && !ow.def.optional) {
       throw new AmalgamError('E_MISSING', `model(s) ${missing.join(', ')} have no such tensor`, {
         key: ow.name,
@@ -986,6 +1052,9 @@ async function buildPlan(
   } else if (truncatedRows !== undefined && donorVocab !== truncatedRows) {
     // Each cut embedding has said so, with the vocab_size it sets.
     setDotted(outputConfig, vocabKey, truncatedRows);
+  }
+  if (untiedHeads.length) {
+    warn(`the output embeddings and the tied output head come from different models, so the head is written: ${untiedHeads.join('; ')}`);
   }
   const tiedDefs = [...def.pre, ...def.post].filter((w) => w.optional && (w.tiedNames ?? []).length);
   if (tiedDefs.length) {
