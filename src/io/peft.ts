@@ -3,7 +3,7 @@
  * `adapter_model.safetensors` paired into per-module LoRA factors with their scaling. Reading and
  * validation only; applying adapters is done elsewhere.
  */
-import { stat } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { AmalgamError } from '../errors.js';
@@ -78,6 +78,12 @@ export interface LoraModule {
   fanInFanOut: boolean;
   /** Shape of ΔW as the base tensor stores it. */
   deltaShape: [number, number];
+  /**
+   * Adapter tensor holding the weight the update is added to, when the adapter saves it in full:
+   * PEFT saves targeted embedding layers (`embed_tokens`, `lm_head`) as `<module>.base_layer.weight`
+   * (`<module>.weight` before PEFT 0.7) and loads it into the base layer. Absent: the base model's.
+   */
+  baseName?: string;
 }
 
 export interface SavedModuleTensor {
@@ -152,6 +158,44 @@ export function parseLoraConfig(json: unknown, file?: string): LoraAdapterConfig
       hint: 'use a LoRA adapter trained without lora_bias, or merge it into its base model with PEFT first',
     });
   }
+  const replication = o['layer_replication'];
+  if (replication !== null && replication !== undefined && !(Array.isArray(replication) && replication.length === 0)) {
+    throw new AmalgamError('E_UNSUPPORTED', 'layer_replication adapters are not supported: they apply to a model whose layers PEFT duplicates, which the base does not have', {
+      file,
+      key: 'layer_replication',
+      hint: 'merge the adapter with PEFT (merge_and_unload) and use the merged model',
+    });
+  }
+  const init = o['init_lora_weights'];
+  if (typeof init === 'string' && /^(pissa|olora|corda|loftq)/i.test(init)) {
+    throw new AmalgamError('E_UNSUPPORTED', `init_lora_weights is ${JSON.stringify(init)}: this initialisation changes the base weights, so W + s·B·A on the original base model is not the trained model`, {
+      file,
+      key: 'init_lora_weights',
+      hint: 'save the adapter converted to plain LoRA with PEFT (save_pretrained with path_initial_model_for_weight_conversion), or, if the base you apply it to is the modified base saved with it, set "init_lora_weights": true',
+    });
+  }
+  if (o['trainable_token_indices'] !== null && o['trainable_token_indices'] !== undefined) {
+    throw new AmalgamError('E_UNSUPPORTED', 'adapters with trainable tokens (trainable_token_indices) are not supported', {
+      file,
+      key: 'trainable_token_indices',
+      hint: 'merge the adapter with PEFT (merge_and_unload) and use the merged model',
+    });
+  }
+  const alora = o['alora_invocation_tokens'];
+  if (alora !== null && alora !== undefined && !(Array.isArray(alora) && alora.length === 0)) {
+    throw new AmalgamError('E_UNSUPPORTED', 'activated LoRA adapters (alora_invocation_tokens) apply their update only after the invocation tokens, which a merged weight cannot do', {
+      file,
+      key: 'alora_invocation_tokens',
+      hint: 'use the adapter with PEFT at inference time instead of merging it',
+    });
+  }
+  if (o['use_qalora'] === true) {
+    throw new AmalgamError('E_UNSUPPORTED', 'QA-LoRA adapters (use_qalora: true) are not supported: their lora_A acts on pooled input groups', {
+      file,
+      key: 'use_qalora',
+      hint: 'merge the adapter with PEFT and use the merged model',
+    });
+  }
   if (cfg.target_parameters?.length) {
     throw new AmalgamError('E_UNSUPPORTED', 'adapters on bare parameters (target_parameters) are not supported', { file, key: 'target_parameters' });
   }
@@ -162,6 +206,13 @@ export function parseLoraConfig(json: unknown, file?: string): LoraAdapterConfig
       } catch (e) {
         throw new AmalgamError('E_CONFIG', `pattern is not a valid regular expression: ${(e as Error).message}`, { file, key: `${which}.${p}` });
       }
+    }
+  }
+  for (const p of cfg.layers_pattern === null || cfg.layers_pattern === undefined ? [] : typeof cfg.layers_pattern === 'string' ? [cfg.layers_pattern] : cfg.layers_pattern) {
+    try {
+      new RegExp(p);
+    } catch (e) {
+      throw new AmalgamError('E_CONFIG', `layers_pattern is not a valid regular expression: ${(e as Error).message}`, { file, key: 'layers_pattern' });
     }
   }
   if (typeof cfg.target_modules === 'string') {
@@ -236,7 +287,7 @@ export function analyseAdapterTensors(
   file?: string,
 ): { modules: LoraModule[]; savedModules: SavedModuleTensor[] } {
   const pairs = new Map<string, Pair>();
-  const saved: SavedModuleTensor[] = [];
+  const others: TensorInfo[] = [];
   for (const t of tensors) {
     if (DORA.test(t.name)) {
       throw new AmalgamError('E_UNSUPPORTED', 'the adapter holds DoRA magnitude vectors, which are not supported', {
@@ -267,7 +318,7 @@ export function analyseAdapterTensors(
         hint: 'LoRA tensors are named <module>.lora_A.weight / .lora_B.weight (or .lora_embedding_A / _B for embeddings)',
       });
     }
-    saved.push(classifySaved(t.name, config));
+    others.push(t);
   }
 
   const modules: LoraModule[] = [];
@@ -336,11 +387,39 @@ export function analyseAdapterTensors(
       deltaShape,
     });
   }
+
+  // Tensors saved in full. The weight of a LoRA module itself (`<module>.base_layer.weight`, or
+  // `<module>.weight` from PEFT < 0.7) is the weight its update is added to; `.base_layer` is
+  // dropped from other names (biases of wrapped layers under bias "all" / "lora_only").
+  const byPath = new Map(modules.map((m) => [m.path, m]));
+  const saved: SavedModuleTensor[] = [];
+  for (const t of others) {
+    const plain = stripPrefix(t.name);
+    const own = /^(.*?)(\.base_layer)?\.weight$/.exec(plain);
+    const m = own ? byPath.get(own[1]!) : undefined;
+    if (m) {
+      if (m.baseName !== undefined) {
+        throw new AmalgamError('E_DUPLICATE', `the adapter saves the weight of LoRA module ${m.path} twice, also as '${m.baseName}'`, {
+          file,
+          key: t.name,
+          hint: 'keep one of the two tensors in the adapter file',
+        });
+      }
+      if (t.shape.length !== 2 || !isFloatDType(t.dtype)) {
+        throw new AmalgamError('E_SHAPE', `the saved weight of LoRA module ${m.path} has shape ${shapeText(t)} and dtype ${t.dtype}; expected a 2-D float tensor`, { file, key: t.name });
+      }
+      m.baseName = t.name;
+      continue;
+    }
+    saved.push(classifySaved(t.name, config));
+  }
   return { modules, savedModules: saved };
 }
 
 function classifySaved(name: string, config: LoraAdapterConfig): SavedModuleTensor {
-  const target = stripPrefix(name).replace(/\.modules_to_save\.[^.]+(?=\.)/, '');
+  const target = stripPrefix(name)
+    .replace(/\.modules_to_save\.[^.]+(?=\.)/, '')
+    .replace(/\.base_layer(?=\.)/g, '');
   const modulePath = target.includes('.') ? target.slice(0, target.lastIndexOf('.')) : '';
   const mts = config.modules_to_save ?? [];
   if (mts.some((m) => modulePath === m || modulePath.endsWith(`.${m}`))) return { name, target, kind: 'modules_to_save' };
@@ -359,12 +438,22 @@ export async function readPeftAdapter(dir: string): Promise<PeftAdapter> {
   const configPath = join(dir, ADAPTER_CONFIG_FILE);
   if (!(await statOrNull(configPath))) {
     const isModel = !!(await statOrNull(join(dir, 'config.json')));
+    // save_pretrained writes adapters not named "default" to <dir>/<adapter name>/.
+    const named: string[] = [];
+    if (!isModel) {
+      for (const e of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
+        if (e.isDirectory() && (await statOrNull(join(dir, e.name, ADAPTER_CONFIG_FILE)))?.isFile()) named.push(e.name);
+      }
+      named.sort();
+    }
     throw new AmalgamError('E_MISSING', `no ${ADAPTER_CONFIG_FILE} in the adapter folder`, {
       file: dir,
       key: ADAPTER_CONFIG_FILE,
       hint: isModel
         ? 'this looks like a full model folder (config.json), not a PEFT adapter'
-        : 'a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors, as written by save_pretrained',
+        : named.length
+          ? `it holds named adapters (PEFT saves adapters not named "default" in subfolders); pass one of: ${named.map((n) => join(dir, n)).join(', ')}`
+          : 'a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors, as written by save_pretrained',
     });
   }
   const json = await readJsonObject(configPath);

@@ -34,8 +34,9 @@ const ALL_LINEAR = 'all-linear';
 /**
  * Checks that the adapter's config selects every module it holds LoRA factors for, as PEFT does
  * when it injects an adapter: `target_modules` (names matched against the end of the module path,
- * a regex matched against the whole path, or `all-linear`) minus `exclude_modules`. PEFT would
- * not load factors of other modules. Without `target_modules` (PEFT picks defaults per
+ * a regex matched against the whole path, or `all-linear`) minus `exclude_modules`, restricted
+ * to `layers_to_transform` (layer indices found with `layers_pattern`). PEFT would not load
+ * factors of other modules. Without `target_modules` (PEFT picks defaults per
  * architecture) only `exclude_modules` is checked.
  */
 export function checkTargetModules(adapter: PeftAdapter): void {
@@ -49,6 +50,7 @@ export function checkTargetModules(adapter: PeftAdapter): void {
       const targeted = typeof targets === 'string' && targets.toLowerCase() === ALL_LINEAR ? m.kind === 'linear' : selects(targets, m.path);
       if (!targeted) why = [`target_modules ${JSON.stringify(targets)} does not select it`, 'add it to target_modules'];
     }
+    if (why === undefined) why = layerNotTransformed(adapter.config, m.path);
     if (why !== undefined) {
       throw new AmalgamError('E_CONFIG', `the adapter holds LoRA factors for ${m.path}, but ${why[0]}`, {
         file: adapter.weightsPath,
@@ -57,6 +59,25 @@ export function checkTargetModules(adapter: PeftAdapter): void {
       });
     }
   }
+}
+
+/**
+ * PEFT's `layers_to_transform` rule: a module is adapted only if its path holds a layer index
+ * (`.<layers_pattern>.<i>.`, or any `.<name>.<i>.` without a pattern; the last one counts) in the
+ * list. Returns why a module is not, or undefined when it is (or no list is given).
+ */
+function layerNotTransformed(config: PeftAdapter['config'], path: string): [string, string] | undefined {
+  const list = config.layers_to_transform;
+  if (list === null || list === undefined || (Array.isArray(list) && list.length === 0)) return undefined;
+  const patterns = config.layers_pattern === null || config.layers_pattern === undefined ? [] : typeof config.layers_pattern === 'string' ? [config.layers_pattern] : config.layers_pattern;
+  let index: RegExpExecArray | null = null;
+  if (patterns.length === 0) index = /^.*\.[^.]*\.(\d+)\./.exec(path);
+  else for (const p of patterns) if ((index = new RegExp(`^.*\\.${p}\\.(\\d+)\\.`).exec(path))) break;
+  const allowed = typeof list === 'number' ? [list] : list;
+  const what = `layers_to_transform ${JSON.stringify(list)}${patterns.length ? ` with layers_pattern ${JSON.stringify(config.layers_pattern)}` : ''}`;
+  if (index === null) return [`${what} selects modules by layer index and its path has none`, 'correct layers_pattern'];
+  if (!allowed.includes(Number(index[1]))) return [`${what} does not include its layer ${index[1]}`, 'add the layer to layers_to_transform'];
+  return undefined;
 }
 
 /**
@@ -81,6 +102,16 @@ export function checkAdapterAgainstBase(adapter: PeftAdapter, base: TensorSource
     const info = base.info(m.target);
     if (!isFloatDType(info.dtype)) {
       throw new AmalgamError('E_DTYPE', `the base tensor ${m.target} has dtype ${info.dtype}; LoRA updates need a float tensor`, { file, key: m.aName });
+    }
+    if (m.baseName !== undefined) {
+      const own = adapter.source.info(m.baseName);
+      if (own.shape.length !== info.shape.length || own.shape.some((d, i) => d !== info.shape[i])) {
+        throw new AmalgamError('E_SHAPE', `the adapter saves the weight of ${m.target} with shape ${shapeText(own.shape)}, but the base model ${label} has ${shapeText(info.shape)}`, {
+          file,
+          key: m.baseName,
+          hint: /embed|lm_head|wte/.test(m.target) ? 'the adapter was trained with a resized vocabulary; resize the base model first' : 'apply the adapter to the model it was trained on',
+        });
+      }
     }
     if (info.shape.length !== 2 || info.shape[0] !== m.deltaShape[0] || info.shape[1] !== m.deltaShape[1]) {
       const how =
@@ -234,7 +265,9 @@ export class AdaptedTensorSource implements RawIntoSource {
     const info = this.base.info(name);
     if (act.kind === 'replace') return roundToStored(info.dtype, (await this.adapter.source.readF32(act.saved.name)).slice());
     const m = act.module;
-    const [w, a, b] = await Promise.all([this.base.readF32(name), this.adapter.source.readF32(m.aName), this.adapter.source.readF32(m.bName)]);
+    // PEFT loads a weight the adapter saves for the module into the base layer before adding the update.
+    const readW = m.baseName !== undefined ? this.adapter.source.readF32(m.baseName).then((v) => v.slice()) : this.base.readF32(name);
+    const [w, a, b] = await Promise.all([readW, this.adapter.source.readF32(m.aName), this.adapter.source.readF32(m.bName)]);
     const out = w.byteOffset === 0 && w.buffer.byteLength === w.byteLength ? w : w.slice();
     if (out.length !== numel(info.shape)) {
       throw new AmalgamError('E_SHAPE', `read ${out.length} values, expected ${numel(info.shape)}`, { file: this.base.path, key: name });

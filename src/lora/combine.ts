@@ -327,6 +327,31 @@ export async function combineAdapters(inputs: readonly CombineInput[], outDir: s
       warn(`${target} is saved in full (modules_to_save) and is copied unweighted from ${adapters[first.input]!.dir}`);
     }
 
+    // Weights saved for LoRA modules (PEFT's `<module>.base_layer.weight` of targeted embedding
+    // layers) are what the updates are added to: kept once under the same name, identical copies only.
+    const baseLayers: FullTensor[] = [];
+    for (const [path, entries] of byPath) {
+      const withBase = entries.filter((e) => e.module.baseName !== undefined);
+      if (withBase.length === 0) continue;
+      const first = withBase[0]!;
+      const src = adapters[first.input]!.source;
+      const info = src.info(first.module.baseName!);
+      const data = (await src.readF32(first.module.baseName!)).slice();
+      for (const other of withBase.slice(1)) {
+        const o = adapters[other.input]!.source;
+        const od = await o.readF32(other.module.baseName!);
+        if (o.info(other.module.baseName!).shape.join(',') !== info.shape.join(',') || od.some((v, k) => !Object.is(v, data[k]))) {
+          throw new AmalgamError('E_UNSUPPORTED', `the weight of ${path} is saved by several adapters with different values; the adapters were trained on different base weights`, {
+            file: adapters[other.input]!.weightsPath,
+            key: other.module.baseName,
+            hint: 'combine adapters trained on the same base model',
+          });
+        }
+      }
+      baseLayers.push({ name: `${path}.base_layer.weight`, shape: info.shape.slice(), data });
+      if (withBase.length < entries.length) warn(`the weight of ${path} saved by ${adapters[first.input]!.dir} is kept in the combined adapter, which applies every update to it`);
+    }
+
     const modules: AdapterModuleFactors[] = [];
     const report: CombinedModule[] = [];
     let done = 0;
@@ -372,7 +397,7 @@ export async function combineAdapters(inputs: readonly CombineInput[], outDir: s
     const written = await writeLoraAdapter(
       outDir,
       modules,
-      full,
+      [...full, ...baseLayers],
       {
         taskType: typed[0]?.config.task_type ?? 'CAUSAL_LM',
         ...(first.base_model_name_or_path ? { baseModel: first.base_model_name_or_path } : {}),

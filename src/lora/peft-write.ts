@@ -91,7 +91,8 @@ export function buildAdapterConfig(modules: readonly LoraFactors[], full: readon
   const targets = spec.targetModules ?? [...new Set(modules.map((m) => m.path.slice(m.path.lastIndexOf('.') + 1)))].sort();
   const rankPattern: Record<string, number> = {};
   for (const m of modules) if (m.rank !== spec.r) rankPattern[escapeRegExp(m.path)] = m.rank;
-  const mts = spec.modulesToSave ?? [...new Set(full.map((t) => t.name.slice(0, Math.max(0, t.name.lastIndexOf('.')))))].filter((s) => s).sort();
+  // `<module>.base_layer.weight` is the saved weight of a LoRA module (an embedding layer), not a module to save.
+  const mts = spec.modulesToSave ?? [...new Set(full.filter((t) => !t.name.includes('.base_layer.')).map((t) => t.name.slice(0, Math.max(0, t.name.lastIndexOf('.')))))].filter((s) => s).sort();
   return {
     alpha_pattern: {},
     auto_mapping: null,
