@@ -43,10 +43,6 @@ export interface WriteLoraAdapterOptions extends WritePeftAdapterOptions {
   unitScaling?: boolean;
 }
 
-function escapeRegExp(s: string): string {
-  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-}
-
 /** The most frequent rank (ties: the largest). */
 function commonRank(modules: readonly { rank: number }[]): number {
   const count = new Map<number, number>();
@@ -75,7 +71,7 @@ export async function writeLoraAdapter(
   const extra: Record<string, unknown> = { ...(spec.extraConfig ?? {}) };
   if (opts.unitScaling) {
     const alphaPattern: Record<string, number> = {};
-    for (const m of modules) if (m.rank !== r) alphaPattern[escapeRegExp(m.path)] = m.rank;
+    for (const m of modules) if (m.rank !== r) alphaPattern[m.path] = m.rank; // a plain module path, as in rank_pattern
     extra['alpha_pattern'] = alphaPattern;
   }
   const config = buildAdapterConfig(modules, full, { ...spec, r, alpha, extraConfig: extra });

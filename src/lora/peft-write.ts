@@ -80,17 +80,15 @@ export function savedTensorName(tensorName: string): string {
   return `${PEFT_PREFIX}${tensorName}`;
 }
 
-function escapeRegExp(s: string): string {
-  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-}
-
 /** The adapter_config.json object for a set of modules. */
 export function buildAdapterConfig(modules: readonly LoraFactors[], full: readonly FullTensor[], spec: PeftAdapterSpec): Record<string, unknown> {
   if (!Number.isSafeInteger(spec.r) || spec.r < 1) throw new AmalgamError('E_USAGE', `LoRA rank must be a positive integer, got ${spec.r}`);
   if (!Number.isFinite(spec.alpha)) throw new AmalgamError('E_USAGE', `LoRA alpha must be a number, got ${spec.alpha}`);
   const targets = spec.targetModules ?? [...new Set(modules.map((m) => m.path.slice(m.path.lastIndexOf('.') + 1)))].sort();
   const rankPattern: Record<string, number> = {};
-  for (const m of modules) if (m.rank !== spec.r) rankPattern[escapeRegExp(m.path)] = m.rank;
+  // Keys are plain module paths, as PEFT's documentation writes them: newer PEFT matches them as a
+  // regex on a dotted suffix (a dot then matches itself), older PEFT looks the full path up as is.
+  for (const m of modules) if (m.rank !== spec.r) rankPattern[m.path] = m.rank;
   // `<module>.base_layer.weight` is the saved weight of a LoRA module (an embedding layer), not a module to save.
   const mts = spec.modulesToSave ?? [...new Set(full.filter((t) => !t.name.includes('.base_layer.')).map((t) => t.name.slice(0, Math.max(0, t.name.lastIndexOf('.')))))].filter((s) => s).sort();
   return {
