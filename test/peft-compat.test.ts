@@ -325,10 +325,13 @@ test('a folder of named adapters (save_pretrained of adapters not named "default
   await ad.close();
 });
 
-test('eval --adapter: a saved embedding next to its factors keeps the LoRA update (as the baked model)', async () => {
-  const baseEmb = await readTensor(base, `${EMB}.weight`);
+for (const [what, savedName, shift] of [
+  ['a saved embedding equal to the base one (PEFT < 0.7 name)', `${P}${EMB}.weight`, 0],
+  ['a saved embedding that differs from the base one (base_layer)', `${P}${EMB}.base_layer.weight`, 1 / 16],
+] as const) test(`eval --adapter: ${what} next to its factors gives the baked model's logits`, async () => {
+  const baseEmb = (await readTensor(base, `${EMB}.weight`)).map((v, i) => v + shift * ((i % 5) - 2));
   const dir = await adapter(config({ target_modules: ['embed_tokens'] }), [
-    t(`${P}${EMB}.weight`, [V, H], baseEmb),
+    t(savedName, [V, H], baseEmb),
     t(`${P}${EMB}.lora_embedding_A`, [2, V], randn(2 * V, 50, 2)),
     t(`${P}${EMB}.lora_embedding_B`, [H, 2], randn(H * 2, 51, 2)),
   ]);

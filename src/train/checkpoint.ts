@@ -162,6 +162,19 @@ export async function applyAdapter(model: LlamaModel, dir: string): Promise<Sequ
   try {
     const named = model.namedParameters();
     for (const m of ad.modules) {
+      if (m.baseName !== undefined) {
+        // The weight saved with the module (PEFT's `<module>.base_layer.weight` of an adapted
+        // embedding) is what PEFT loads into the base layer: the update is added to it.
+        const p = named.get(`${m.path}.weight`);
+        const info = ad.source.info(m.baseName);
+        if (!p || info.shape.length !== p.shape.length || info.shape.some((d, i) => d !== p.shape[i])) {
+          throw new AmalgamError('E_SHAPE', `the adapter saves the weight of '${m.path}' with shape [${info.shape.join(', ')}], but the model's is [${p?.shape.join(', ') ?? 'missing'}]`, {
+            file: ad.weightsPath,
+            key: m.baseName,
+          });
+        }
+        p.set(await ad.source.readF32(m.baseName));
+      }
       if (m.kind !== 'linear' || m.fanInFanOut) {
         const p = named.get(`${m.path}.weight`);
         if (!p) throw new AmalgamError('E_MISSING', `the adapter has a LoRA module for '${m.path}', which the model does not have`, { file: ad.weightsPath, key: m.aName });
