@@ -584,7 +584,22 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
     streamed.has(t.index) ? streamedCost(t) : stored.has(t.index) ? storedCost(t) : raw.has(t.index) ? rawCost(t) : tensorCost(t);
   const locate = (i: { model: string; tensor: string }) => (sources.get(i.model) as RawIntoSource).locate(i.tensor)!;
   const io = planStreamedReads(plan, streamed, locate, budget, pool ? jobs : 0, opts.directReads ?? 'auto');
-  const { direct, prefetch, residentBytes, flightBudget, big } = io;
+  const { direct, prefetch, residentBytes, big } = io;
+  // Workers keep the float32 arrays of a tensor read as stored for the next one's inputs (see
+  // `SpareArrays` in worker.ts): as many as a tensor has inputs, of the largest such tensor, set
+  // aside from the budget, where that takes at most a quarter of it.
+  let spareBytes = 0;
+  if (pool && raw.size) {
+    let largest = 0;
+    let count = 0;
+    for (const t of plan.tensors) {
+      if (!raw.has(t.index)) continue;
+      count = Math.max(count, t.inputs.length);
+      for (const i of t.inputs) largest = Math.max(largest, numel(i.shape) * 4);
+    }
+    if (count * largest * jobs <= io.flightBudget / 4) spareBytes = count * largest;
+  }
+  const flightBudget = io.flightBudget - spareBytes * jobs;
   const buffers = new BufferPool();
   let inFlightCost = 0;
 
@@ -676,6 +691,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
               ...(outBuffer ? { outBuffer, outOffset } : {}),
               ...(streamed.has(t.index) && residentBytes ? { residentBytes } : {}),
               ...(streamed.has(t.index) && prefetch ? { prefetch } : {}),
+              ...(spareBytes ? { spareBytes } : {}),
             };
             const transfer = inputs.flatMap((x) => (x.raw ?? x.data ? [(x.raw ?? x.data!).buffer as ArrayBuffer] : []));
             if (outBuffer instanceof ArrayBuffer) transfer.push(outBuffer);

@@ -65,6 +65,11 @@ export interface ComputeTask {
    * size), chosen so the result lines up with its position in the output file for direct writes.
    */
   outOffset?: number;
+  /**
+   * Bytes of float32 arrays the worker may keep after this task for the next tasks' decoded
+   * inputs (`spareArrays`); none without it. The executor sets this memory aside from its budget.
+   */
+  spareBytes?: number;
 }
 
 export interface ComputeResult {
@@ -252,8 +257,10 @@ export function computeTensor(task: ComputeTask, preloaded?: Preloaded): Compute
     }
     warnings.length = 0;
   }
+  const spare = task.spareBytes ? spareArrays : undefined;
+  const taken: Float32Array[] = [];
   const inputs: MergeInput[] = task.inputs.map((i) => {
-    const data = i.data ?? decodeToF32(i.dtype!, i.raw ?? readLocated(i, task.tensorName), { copy: !i.file, what: task.tensorName });
+    const data = i.data ?? decodeInput(i, task.tensorName, spare, taken);
     // Values decoded from the compute dtype itself are already rounded to it.
     const exact = i.dtype === task.computeDtype;
     if ((task.computeDtype === 'BF16' || task.computeDtype === 'F16') && !exact) roundInPlace(data, task.computeDtype);
@@ -282,11 +289,69 @@ export function computeTensor(task: ComputeTask, preloaded?: Preloaded): Compute
     });
   }
   const given = encodeInto(task, out.data);
-  if (given) return { id: task.id, bytes: given, warnings, ...(buffers.length ? { buffers } : {}) };
+  if (given) {
+    if (spare) {
+      // The inputs' arrays and the result (encoded into the output buffer) are free now; the
+      // result's array is kept only if it is the method's own (not a view of a stored input).
+      const own = !buffers.includes(out.data.buffer as ArrayBuffer) && !taken.includes(out.data);
+      for (const a of own ? [...taken, out.data] : taken) spare.give(a, task.spareBytes!);
+    }
+    return { id: task.id, bytes: given, warnings, ...(buffers.length ? { buffers } : {}) };
+  }
   if (task.outBuffer) buffers.push(task.outBuffer);
   let bytes = encodeFromF32(task.outDtype, out.data);
   if (bytes.byteOffset !== 0 || bytes.byteLength !== bytes.buffer.byteLength) bytes = bytes.slice();
   return { id: task.id, bytes, warnings, ...(buffers.length ? { buffers } : {}) };
+}
+
+/**
+ * Float32 arrays a worker keeps between tasks. Decoding a tensor into memory already in use is
+ * much cheaper than into fresh pages (each 4 KiB page faulted in costs microseconds on a virtual
+ * machine), and consecutive tensors of a model mostly have the same shapes.
+ */
+class SpareArrays {
+  private readonly buffers: ArrayBuffer[] = [];
+  private bytes = 0;
+
+  /** A Float32Array of n values, in the smallest kept buffer that holds them, else new. */
+  take(n: number): Float32Array {
+    let best = -1;
+    for (let k = 0; k < this.buffers.length; k++) {
+      const b = this.buffers[k]!;
+      if (b.byteLength >= 4 * n && (best < 0 || b.byteLength < this.buffers[best]!.byteLength)) best = k;
+    }
+    if (best < 0) return new Float32Array(n);
+    const [b] = this.buffers.splice(best, 1);
+    this.bytes -= b!.byteLength;
+    return new Float32Array(b!, 0, n);
+  }
+
+  /** Keeps the whole buffer of `a`, then drops the smallest kept ones while more than `limit` bytes are kept. */
+  give(a: Float32Array, limit: number): void {
+    const b = a.buffer;
+    if (!(b instanceof ArrayBuffer) || a.byteOffset !== 0 || b.byteLength > limit || this.buffers.includes(b)) return;
+    this.buffers.push(b);
+    this.bytes += b.byteLength;
+    this.buffers.sort((x, y) => y.byteLength - x.byteLength);
+    while (this.bytes > limit) this.bytes -= this.buffers.pop()!.byteLength;
+  }
+}
+
+const spareArrays = new SpareArrays();
+
+/**
+ * An input's values as float32: from its stored bytes (given, or read from its file). 16-bit
+ * values are widened into an array from `spare` where given (listed in `taken`).
+ */
+function decodeInput(i: ComputeInput, tensorName: string, spare: SpareArrays | undefined, taken: Float32Array[]): Float32Array {
+  const bytes = i.raw ?? readLocated(i, tensorName);
+  if (!spare || (i.dtype !== 'BF16' && i.dtype !== 'F16') || bytes.byteOffset % 2 !== 0 || bytes.byteLength % 2 !== 0) {
+    return decodeToF32(i.dtype!, bytes, { copy: !i.file, what: tensorName });
+  }
+  const bits = new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2);
+  const out = spare.take(bits.length);
+  taken.push(out);
+  return i.dtype === 'BF16' ? bf16ToF32(bits, out) : f16ToF32(bits, out);
 }
 
 /**
