@@ -353,6 +353,36 @@ tokenizer:
   assert.equal(await readFile(join(r.outDir, 'chat_template.jinja'), 'utf8'), T1 + '\n');
 });
 
+test("generation_config.json: the donor's token ids are moved to a built vocabulary, or the file is left out", async () => {
+  // A donor whose tokens c (5) and d (6) are at other ids (c: 7) or absent (d) in x's vocabulary.
+  const { cp } = await import('node:fs/promises');
+  await cp(join(dir, 'base'), join(dir, 'gbase'), { recursive: true });
+  const yaml = (base: string) => `merge_method: linear
+base_model: ${base}
+models:
+  - {model: ${base}, parameters: {weight: 0.5}}
+  - {model: x, parameters: {weight: 0.5}}
+tokenizer_source: x
+`;
+  await putJson(join(dir, 'gbase', 'generation_config.json'), { bos_token_id: 1, eos_token_id: [2, 5], temperature: 0.7 });
+  const warnings: string[] = [];
+  const r = await merge(yaml('gbase'), 'gen-moved', { jobs: 1, onWarning: (w) => warnings.push(w) });
+  assert.deepEqual(await readJson(join(r.outDir, 'generation_config.json')), { bos_token_id: 1, eos_token_id: [2, 7], temperature: 0.7 });
+  assert.ok(warnings.some((w) => w.includes('generation_config.json: token ids moved')), warnings.join('\n'));
+
+  await putJson(join(dir, 'gbase', 'generation_config.json'), { bos_token_id: 1, eos_token_id: 2, pad_token_id: 6 });
+  warnings.length = 0;
+  const r2 = await merge(yaml('gbase'), 'gen-dropped', { jobs: 1, onWarning: (w) => warnings.push(w) });
+  assert.ok(!existsSync(join(r2.outDir, 'generation_config.json')));
+  assert.ok(warnings.some((w) => w.includes('pad_token_id 6') && w.includes('"d"')), warnings.join('\n'));
+
+  // Ids that do not move: the donor's file is copied byte for byte.
+  const text = '{"bos_token_id": 1,  "eos_token_id": 2}\n';
+  await writeFile(join(dir, 'gbase', 'generation_config.json'), text);
+  const r3 = await merge(yaml('gbase'), 'gen-kept', { jobs: 1 });
+  assert.equal(await readFile(join(r3.outDir, 'generation_config.json'), 'utf8'), text);
+});
+
 // ---------------------------------------------------------------------------------------------
 // Tied embeddings
 

@@ -20,6 +20,8 @@ import { getConfigDtype, openModelFolder, setConfigDtype, type HfConfig, type Hf
 import { byteSize, isFloatDType, numel, parseFloatDType, type DType, type FloatDType } from '../tensor/dtype.js';
 import {
   buildMergedVocabulary,
+  readHfVocabulary,
+  tokensById,
   loadModelTokenizer,
   mergedTokenizerFiles,
   resolveChatTemplate,
@@ -676,7 +678,18 @@ async function outputTokenizerFiles(
 ): Promise<{ copied: string[]; generated: Record<string, string> }> {
   const available = copy ? await tokenizerFiles(donor.planned.path) : [];
   if (step.vocab) {
-    return { copied: available.filter((f) => KEPT_WITH_BUILT_TOKENIZER.some((re) => re.test(f)) && !(f in step.files)), generated: step.files };
+    const copied = available.filter((f) => KEPT_WITH_BUILT_TOKENIZER.some((re) => re.test(f)) && !(f in step.files));
+    const generated = { ...step.files };
+    const k = copied.indexOf(GENERATION_CONFIG);
+    if (k >= 0) {
+      const file = join(donor.planned.path, GENERATION_CONFIG);
+      const moved = await remapGenerationConfig(file, step.tokenizers.get(donor.ref.id), step.vocab, warn);
+      if (moved !== undefined) {
+        copied.splice(k, 1);
+        if (moved !== null) generated[GENERATION_CONFIG] = moved;
+      }
+    }
+    return { copied, generated };
   }
   const tpl = step.chatTemplate;
   if (tpl === undefined) return { copied: available, generated: {} };
@@ -693,6 +706,58 @@ async function outputTokenizerFiles(
     'chat_template.jinja': tpl,
   };
   return { copied: available.filter((f) => !(f in generated) && !/^chat_template\./.test(f)), generated };
+}
+
+const GENERATION_CONFIG = 'generation_config.json';
+/** Keys of generation_config.json holding token ids (an id or a list of ids). */
+const GENERATION_TOKEN_KEYS = ['bos_token_id', 'eos_token_id', 'pad_token_id', 'decoder_start_token_id'];
+
+/**
+ * The donor's generation_config.json with its token ids moved to the built vocabulary, token by
+ * token (the donor's id → its token → the token's output id). Undefined where no id moves (the
+ * file is copied as it is) or the donor's vocabulary is unknown; null, with a warning, where an id
+ * has no token in the donor's vocabulary or its token is not in the output's (the file is left
+ * out: ids of another vocabulary would end generation at the wrong token).
+ */
+async function remapGenerationConfig(
+  file: string,
+  donor: ModelTokenizer | null | undefined,
+  vocab: MergedVocabulary,
+  warn: (m: string) => void,
+): Promise<string | null | undefined> {
+  if (!donor?.tokenizer) return undefined;
+  let json: unknown;
+  try {
+    json = JSON.parse(await readFile(file, 'utf8'));
+  } catch (e) {
+    warn(`${GENERATION_CONFIG} is not written: ${file} cannot be read as JSON (${(e as Error).message})`);
+    return null;
+  }
+  if (json === null || typeof json !== 'object' || Array.isArray(json)) return undefined;
+  const tokens = tokensById(readHfVocabulary(donor.tokenizer, donor.file ? { file: donor.file } : {}));
+  const out: Record<string, unknown> = { ...(json as Record<string, unknown>) };
+  let moved = false;
+  for (const key of GENERATION_TOKEN_KEYS) {
+    const v = out[key];
+    const ids = typeof v === 'number' ? [v] : Array.isArray(v) && v.every((x) => typeof x === 'number') ? (v as number[]) : undefined;
+    if (ids === undefined) continue;
+    const mapped: number[] = [];
+    for (const id of ids) {
+      const tok = Number.isInteger(id) && id >= 0 ? tokens[id] : undefined;
+      const to = tok === undefined ? undefined : vocab.ids.get(tok);
+      if (to === undefined) {
+        const why = tok === undefined ? `the donor's tokenizer has no token ${id}` : `the merged vocabulary has no token ${JSON.stringify(tok)}`;
+        warn(`${GENERATION_CONFIG} is not written: its ${key} ${id} cannot be moved to the merged vocabulary (${why}); write one for the output if it needs it`);
+        return null;
+      }
+      moved ||= to !== id;
+      mapped.push(to);
+    }
+    out[key] = typeof v === 'number' ? mapped[0] : mapped;
+  }
+  if (!moved) return undefined;
+  warn(`${GENERATION_CONFIG}: token ids moved to the merged vocabulary (${GENERATION_TOKEN_KEYS.filter((k) => k in out).map((k) => `${k} ${JSON.stringify(out[k])}`).join(', ')})`);
+  return jsonText(out);
 }
 
 /** A planned permutation as plain data. */
