@@ -37,7 +37,7 @@ export const BENCHMARKS: Record<string, BenchEntry> = {
     load: () => import('./train.js'),
   },
   merge: {
-    description: 'TIES (density 0.5) of 3 fine-tunes + base, >= 1 GB BF16 each: wall time vs the I/O floor, and peak RSS vs its bound',
+    description: 'TIES (density 0.5; --method for another merge method) of 3 fine-tunes + base, >= 1 GB BF16 each: wall time vs the I/O floor, and peak RSS vs its bound',
     load: () => import('./merge.js'),
   },
   osrm: {
