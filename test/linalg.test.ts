@@ -17,6 +17,7 @@ import {
   transpose,
 } from '../src/tensor/linalg.js';
 import { linalgWasmAvailable, useLinalgWasm } from '../src/tensor/linalg-wasm.js';
+import { createBackend, ReferenceBackend, wasmSimdSupported } from '../src/backend/index.js';
 
 function randn(m: number, n: number, seed: number): Float64Array {
   const rng = new Rng(seed);
@@ -280,6 +281,34 @@ describe('randomizedSvd', () => {
     assert.deepEqual(r1.Vt, r2.Vt);
     const r3 = randomizedSvd(a, 80, 60, 4, { seed: 43, oversample: 4, powerIters: 1 });
     assert.notDeepEqual(r1.U, r3.U);
+  });
+
+  test('float32 products (matmul32, as a compute backend gives them) recover a low-rank matrix to float32 accuracy', () => {
+    const m = 300;
+    const n = 200;
+    const sv = [50, 20, 9, 4, 1];
+    const a = withSingularValues(m, n, sv, 8);
+    const a32 = Float32Array.from(a);
+    const backends = [new ReferenceBackend(), ...(wasmSimdSupported() ? (() => { try { return [createBackend('wasm', { threads: 2 })]; } catch { return []; } })() : [])];
+    for (const be of backends) {
+      let calls = 0;
+      const mm = (x: Float32Array, y: Float32Array, out: Float32Array, M: number, K: number, N: number, o?: { transA?: boolean }) => {
+        calls++;
+        be.matmul(x, y, out, M, K, N, o);
+      };
+      try {
+        const r = randomizedSvd(a32, m, n, 5, { seed: 1, matmul32: mm });
+        // The sketch, two power iterations of two products each, and Qᵀ·A.
+        assert.equal(calls, 6, be.name);
+        for (let j = 0; j < 5; j++) assert.ok(Math.abs(r.S[j]! - sv[j]!) < 1e-5 * sv[0]!, `${be.name} σ${j}: ${r.S[j]}`);
+        assert.ok(relErr(reconstructSvd(r, m, n), Float64Array.from(a32)) < 1e-5, be.name);
+        assert.ok(orthogonalityError(r.U, m, 5) < 1e-10, be.name);
+        const again = randomizedSvd(a32, m, n, 5, { seed: 1, matmul32: mm });
+        assert.deepEqual(again.S, r.S, `${be.name}: deterministic`);
+      } finally {
+        be.dispose?.();
+      }
+    }
   });
 
   test('k is clipped to min(m, n)', () => {

@@ -18,7 +18,7 @@ import { CONFIG_FILE, readJsonObject, requireFolder } from '../io/hf.js';
 import { openSafetensors } from '../io/safetensors.js';
 import type { TensorInfo, TensorSource } from '../io/source.js';
 import { decodeToF32, isFloatDType, type FloatDType } from '../tensor/dtype.js';
-import { factorize, writeLoraAdapter, type AdapterModuleFactors } from './combine.js';
+import { factorize, svdProducts, writeLoraAdapter, type AdapterModuleFactors } from './combine.js';
 import type { FullTensor } from './peft-write.js';
 
 export interface ExtractOptions {
@@ -120,6 +120,7 @@ export async function extractLora(baseDir: string, ftDir: string, outDir: string
   await requireFolder(absFt);
   const base = await openModel(absBase);
   let ft: TensorSource | undefined;
+  let products: ReturnType<typeof svdProducts> | undefined;
   try {
     ft = await openModel(absFt);
     // Header checks before reading any data.
@@ -148,6 +149,7 @@ export async function extractLora(baseDir: string, ftDir: string, outDir: string
     const full: FullTensor[] = [];
     const report: ExtractedTensor[] = [];
     let done = 0;
+    products = svdProducts();
     for (const { b, f } of pairs) {
       const rb = await base.readRaw(b.name);
       const rf = await ft.readRaw(b.name);
@@ -172,7 +174,7 @@ export async function extractLora(baseDir: string, ftDir: string, outDir: string
         } else if (matrix && !(isEmbedding && embeddings !== 'lora')) {
           const path = b.name.slice(0, -'.weight'.length);
           const [rows, cols] = b.shape as [number, number];
-          const fo = { randomizedAbove: opts.randomizedAbove ?? 512, seed: opts.seed ?? 0, oversample: opts.oversample, powerIters: opts.powerIters };
+          const fo = { randomizedAbove: opts.randomizedAbove ?? 512, seed: opts.seed ?? 0, oversample: opts.oversample, powerIters: opts.powerIters, matmul32: products.matmul32 };
           if (isEmbedding) {
             // PEFT embeddings: ΔW [num, dim] = (B·A)ᵀ with A [r, num], B [dim, r].
             const t = new Float32Array(delta.length);
@@ -212,6 +214,7 @@ export async function extractLora(baseDir: string, ftDir: string, outDir: string
     );
     return { dir: written.dir, rank: r, requestedRank: rank, tensors: report, loraModules: modules.length, fullTensors: full.length, config: written.config, warnings };
   } finally {
+    products?.dispose();
     await Promise.all([base.close(), ft?.close()]);
   }
 }

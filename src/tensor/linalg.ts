@@ -46,7 +46,17 @@ export interface RandomizedSvdOptions {
   powerIters?: number;
   /** Seed of the Gaussian test matrix (default 0). */
   seed?: number;
+  /**
+   * Float32 products for the large steps (the sketch A·Ω, the power iterations' Aᵀ·Q and A·Z, and
+   * Qᵀ·A): out[M×N] = op(X)·Y with op(X) = Xᵀ under `transA` (X stored K×M), e.g. a compute
+   * backend's `matmul`. The orthonormalisations and the small SVD stay float64. Default: every
+   * product in float64 here.
+   */
+  matmul32?: Matmul32;
 }
+
+/** out[M×N] = op(x)·y, float32; op(x) = xᵀ (x stored K×M) with `transA`, else x is stored M×K. */
+export type Matmul32 = (x: Float32Array, y: Float32Array, out: Float32Array, M: number, K: number, N: number, opts?: { transA?: boolean }) => void;
 
 const EPS = Number.EPSILON;
 
@@ -885,12 +895,29 @@ export function randomizedSvd(a: MatrixInput, m: number, n: number, k: number, o
   const rng = new Rng(opts.seed ?? 0);
   const omega = new Float64Array(n * l);
   for (let i = 0; i < omega.length; i++) omega[i] = rng.normal();
-  let q = orthonormalBasis(matmul(a, omega, m, n, l), m, l);
+  const mm = opts.matmul32;
+  const a32 = mm ? (a instanceof Float32Array ? a : Float32Array.from(a)) : undefined;
+  /** A·x (x n×l) or, transposed, Aᵀ·x (x m×l). */
+  const times = (x: Float64Array, transposed: boolean): Float64Array => {
+    if (!mm) return transposed ? matmulTN(a, x, m, n, l) : matmul(a, x, m, n, l);
+    const out = new Float32Array((transposed ? n : m) * l);
+    if (transposed) mm(a32!, Float32Array.from(x), out, n, m, l, { transA: true });
+    else mm(a32!, Float32Array.from(x), out, m, n, l);
+    return Float64Array.from(out);
+  };
+  let q = orthonormalBasis(times(omega, false), m, l);
   for (let it = 0; it < powerIters; it++) {
-    const z = orthonormalBasis(matmulTN(a, q, m, n, l), n, l);
-    q = orthonormalBasis(matmul(a, z, m, n, l), m, l);
+    const z = orthonormalBasis(times(q, true), n, l);
+    q = orthonormalBasis(times(z, false), m, l);
   }
-  const b = matmulTN(q, a, m, l, n);
+  let b: Float64Array;
+  if (mm) {
+    const b32 = new Float32Array(l * n);
+    mm(Float32Array.from(q), a32!, b32, l, m, n, { transA: true });
+    b = Float64Array.from(b32);
+  } else {
+    b = matmulTN(q, a, m, l, n);
+  }
   const small = svd(b, l, n);
   const u = matmul(q, small.U, m, l, small.k);
   return truncateSvd({ k: small.k, U: u, S: small.S, Vt: small.Vt }, m, n, kk);
