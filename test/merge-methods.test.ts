@@ -272,6 +272,48 @@ test('multislerp: two antipodal inputs with equal weights lerp; three balanced i
   );
 });
 
+test('multislerp equals the formula with whole task vectors held, bit for bit, over several blocks', () => {
+  // The method recomputes the task vectors block by block to bound its memory; this is the
+  // plain form: x_k = fround(input − base), norms, weighted mean direction, tangent, result.
+  const reference = (xsIn: Float32Array[], base: Float32Array | undefined, weights: number[], eps: number): Float32Array => {
+    const xs = xsIn.map((t) => (base ? t.map((v, i) => v - base[i]!) : t));
+    const n = xs[0]!.length;
+    const norm = (a: ArrayLike<number>) => Math.sqrt(Array.prototype.reduce.call(a, (s: number, v: number) => s + v * v, 0) as number);
+    const norms = xs.map(norm);
+    const inv = norms.map((v) => 1 / (v + eps));
+    const mean = new Float64Array(n);
+    xs.forEach((x, k) => x.forEach((v, i) => (mean[i] += weights[k]! * inv[k]! * v)));
+    const mn = norm(mean);
+    for (let i = 0; i < n; i++) mean[i] /= mn;
+    const tangent = new Float64Array(n);
+    xs.forEach((x, k) => {
+      let d = 0;
+      for (let i = 0; i < n; i++) d += x[i]! * mean[i]!;
+      d *= inv[k]!;
+      for (let i = 0; i < n; i++) tangent[i] += weights[k]! * inv[k]! * x[i]! - weights[k]! * d * mean[i]!;
+    });
+    const rho = norm(tangent) + eps;
+    const scale = norms.reduce((s, v, k) => s + v * weights[k]!, 0);
+    return Float32Array.from({ length: n }, (_, i) => {
+      const v = (mean[i]! * Math.cos(rho) + tangent[i]! * (Math.sin(rho) / rho)) * scale;
+      return base ? base[i]! + v : v;
+    });
+  };
+  const n = 10007;
+  const base = randn(90, n, 0.05);
+  const models = [91, 92, 93].map((seed) => base.map((b, i) => b + randn(seed, n, 0.01)[i]!));
+  const weights = [1, 0.8, 0.6];
+  const sum = weights.reduce((a, b) => a + b, 0);
+  const perModel = { a: { weight: 1 }, b: { weight: 0.8 }, c: { weight: 0.6 } };
+  const inputs = [input('a', models[0]!), input('b', models[1]!), input('c', models[2]!)];
+  const withBase = runOut('multislerp', [input('base', base), ...inputs], { base: 'base', perModel });
+  const want = reference(models, base, weights.map((w) => w / sum), 1e-8);
+  assert.deepEqual(new Uint32Array(withBase.buffer), new Uint32Array(want.buffer));
+  const plain = runOut('multislerp', inputs, { perModel });
+  assert.deepEqual(new Uint32Array(plain.buffer), new Uint32Array(reference(models, undefined, weights.map((w) => w / sum), 1e-8).buffer));
+  assert.ok(!plain.every((v, i) => v === withBase[i]));
+});
+
 test('multislerp and karcher of identical inputs return the input', () => {
   const a = randn(11, 20);
   close(runOut('multislerp', [input('a', a), input('b', a.slice()), input('c', a.slice())], {

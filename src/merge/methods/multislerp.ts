@@ -5,7 +5,7 @@
 import { AmalgamError } from '../../errors.js';
 import { copyOf, noInputs, output, splitBase } from '../common.js';
 import { globalBool, globalNumber, modelNumber } from '../params.js';
-import { l2Norm, requireSameShape, subtract } from '../tensor-ops.js';
+import { l2Norm, requireSameShape } from '../tensor-ops.js';
 import type { MergeContext, MergeMethod, MergeOutput } from '../types.js';
 
 export const multislerp: MergeMethod = {
@@ -40,26 +40,60 @@ export const multislerp: MergeMethod = {
       }
       weights = weights.map((w) => w / sum);
     }
-    const xs = others.map((t) => (base ? subtract(t.data, base.data) : t.data));
-    const n = xs[0].length;
-    const norms = xs.map((x) => l2Norm(x));
+    // The task vectors x_k = fround(input_k − base) are recomputed where needed instead of held:
+    // with the float64 mean as the only array besides the result, the merge stays within the
+    // memory the executor budgets per tensor (inputs + 3 float32 arrays). Each value is computed
+    // with the same operations in the same order as with the vectors held.
+    const ins = others.map((t) => t.data);
+    const b = base?.data;
+    const K = ins.length;
+    const n = ins[0]!.length;
+    /** Task vector k's values [start, start + len) into dst (float32 values). */
+    const xs = (k: number, start: number, len: number, dst: Float64Array): void => {
+      const xk = ins[k]!;
+      if (b) for (let j = 0; j < len; j++) dst[j] = Math.fround(xk[start + j]! - b[start + j]!);
+      else for (let j = 0; j < len; j++) dst[j] = xk[start + j]!;
+    };
+    const B = Math.min(n, 4096);
+    const xb = new Float64Array(B);
+    const tb = new Float64Array(B);
+    const norms: number[] = [];
+    for (let k = 0; k < K; k++) {
+      let s2 = 0;
+      for (let start = 0; start < n; start += B) {
+        const len = Math.min(B, n - start);
+        xs(k, start, len, xb);
+        for (let j = 0; j < len; j++) s2 += xb[j]! * xb[j]!;
+      }
+      norms.push(Math.sqrt(s2));
+    }
     const inv = norms.map((nrm) => 1 / (nrm + eps));
+    const c = weights.map((w, k) => w * inv[k]!);
 
     const mean = new Float64Array(n);
-    for (let k = 0; k < xs.length; k++) {
-      const x = xs[k];
-      const c = weights[k] * inv[k];
-      for (let i = 0; i < n; i++) mean[i] += c * x[i];
+    for (let k = 0; k < K; k++) {
+      const ck = c[k]!;
+      for (let start = 0; start < n; start += B) {
+        const len = Math.min(B, n - start);
+        xs(k, start, len, xb);
+        for (let j = 0; j < len; j++) mean[start + j] += ck * xb[j]!;
+      }
     }
     const meanNorm = l2Norm(mean);
     if (meanNorm < eps) {
-      if (xs.length === 2) {
+      if (K === 2) {
         const out = new Float32Array(n);
-        for (let i = 0; i < n; i++) {
-          const v = xs[0][i] * weights[0] + xs[1][i] * weights[1];
-          out[i] = base ? base.data[i] + v : v;
+        const x1 = new Float64Array(B);
+        for (let start = 0; start < n; start += B) {
+          const len = Math.min(B, n - start);
+          xs(0, start, len, xb);
+          xs(1, start, len, x1);
+          for (let j = 0; j < len; j++) {
+            const v = xb[j]! * weights[0]! + x1[j]! * weights[1]!;
+            out[start + j] = b ? b[start + j]! + v : v;
+          }
         }
-        return output(out, others[0].shape);
+        return output(out, others[0]!.shape);
       }
       throw new AmalgamError(
         'E_CONFIG',
@@ -69,26 +103,47 @@ export const multislerp: MergeMethod = {
     }
     for (let i = 0; i < n; i++) mean[i] /= meanNorm;
 
-    // Tangent vectors uᵢ − (uᵢ·m̂)m̂, summed with the weights.
-    const tangent = new Float64Array(n);
-    for (let k = 0; k < xs.length; k++) {
-      const x = xs[k];
+    // Tangent vectors uᵢ − (uᵢ·m̂)m̂, summed with the weights (models in order for each value):
+    // computed block by block, once for their norm and again for the result.
+    const cd: number[] = [];
+    for (let k = 0; k < K; k++) {
       let d = 0;
-      for (let i = 0; i < n; i++) d += x[i] * mean[i];
-      d *= inv[k];
-      const c = weights[k] * inv[k];
-      const cd = weights[k] * d;
-      for (let i = 0; i < n; i++) tangent[i] += c * x[i] - cd * mean[i];
+      for (let start = 0; start < n; start += B) {
+        const len = Math.min(B, n - start);
+        xs(k, start, len, xb);
+        for (let j = 0; j < len; j++) d += xb[j]! * mean[start + j]!;
+      }
+      d *= inv[k]!;
+      cd.push(weights[k]! * d);
     }
-    const rho = l2Norm(tangent) + eps;
+    const tangent = (start: number, len: number): void => {
+      tb.fill(0, 0, len);
+      for (let k = 0; k < K; k++) {
+        const ck = c[k]!;
+        const cdk = cd[k]!;
+        xs(k, start, len, xb);
+        for (let j = 0; j < len; j++) tb[j] += ck * xb[j]! - cdk * mean[start + j]!;
+      }
+    };
+    let t2 = 0;
+    for (let start = 0; start < n; start += B) {
+      const len = Math.min(B, n - start);
+      tangent(start, len);
+      for (let j = 0; j < len; j++) t2 += tb[j]! * tb[j]!;
+    }
+    const rho = Math.sqrt(t2) + eps;
     const cosR = Math.cos(rho);
     const sinR = Math.sin(rho) / rho;
     let scale = 0;
-    for (let k = 0; k < xs.length; k++) scale += norms[k] * weights[k];
+    for (let k = 0; k < K; k++) scale += norms[k]! * weights[k]!;
     const out = new Float32Array(n);
-    for (let i = 0; i < n; i++) {
-      const v = (mean[i] * cosR + tangent[i] * sinR) * scale;
-      out[i] = base ? base.data[i] + v : v;
+    for (let start = 0; start < n; start += B) {
+      const len = Math.min(B, n - start);
+      tangent(start, len);
+      for (let j = 0; j < len; j++) {
+        const v = (mean[start + j]! * cosR + tb[j]! * sinR) * scale;
+        out[start + j] = b ? b[start + j]! + v : v;
+      }
     }
     return output(out, others[0].shape);
   },
