@@ -28,7 +28,7 @@ import {
   sparsify,
   tensorRng,
 } from '../src/merge/sparsify.js';
-import { magnitudeKeys, magnitudeRanks, orderStatistics, selectKth, selectKths, topKMask } from '../src/merge/tensor-ops.js';
+import { descendingRangeMask, magnitudeKeys, magnitudeRanks, orderStatistics, selectKth, selectKths, sortableKeys, topKMask } from '../src/merge/tensor-ops.js';
 import { combineTaskVectors } from '../src/merge/gta.js';
 
 const T = 'model.layers.3.mlp.down_proj.weight';
@@ -598,6 +598,38 @@ test('top-k mask keeps exactly k elements, the largest magnitudes, ties by lower
       assert.deepEqual(mask, expected);
     }),
   );
+});
+
+test('descending range mask marks positions [start, end) of the order by magnitude, ties by lower index', () => {
+  const naive = (x: Float32Array, start: number, end: number): Uint8Array => {
+    const order = Array.from(x.keys()).sort((i, j) => Math.abs(x[j]!) - Math.abs(x[i]!) || i - j);
+    const out = new Uint8Array(x.length);
+    for (const i of order.slice(Math.max(0, start), Math.max(0, end))) out[i] = 1;
+    return out;
+  };
+  fc.assert(
+    fc.property(
+      fc.array(fc.integer({ min: -4, max: 4 }), { minLength: 1, maxLength: 120 }),
+      fc.integer({ min: -3, max: 130 }),
+      fc.integer({ min: -3, max: 130 }),
+      (values, a, b) => {
+        const x = Float32Array.from(values);
+        assert.deepEqual(descendingRangeMask(magnitudeKeys(x), a, b), naive(x, a, b));
+      },
+    ),
+    { numRuns: 400 },
+  );
+  // Keys across the whole 32-bit range (sortable keys of negative values are above 2³¹).
+  const v = randn(71, 3000);
+  v[5] = -0;
+  v[6] = 0;
+  const keys = sortableKeys(v);
+  const order = Array.from(v.keys()).sort((i, j) => keys[j]! - keys[i]! || i - j);
+  for (const [start, end] of [[0, 1500], [100, 2900], [0, 3000], [2999, 3000], [1, 2]] as const) {
+    const want = new Uint8Array(v.length);
+    for (const i of order.slice(start, end)) want[i] = 1;
+    assert.deepEqual(descendingRangeMask(keys, start, end), want, `[${start}, ${end})`);
+  }
 });
 
 test('order statistics match sorted positions, negative values included', () => {

@@ -177,14 +177,14 @@ export interface SparsifyOptions {
   model: string;
   /** Required by `random` and `della_magprune` when density < 1. */
   masks?: MaskSource;
-  /** The caller gives `delta` up: a random or DELLA mask is applied in place, without a new array. */
+  /** The caller gives `delta` up: the mask is applied to it in place, without a new array. */
   inPlace?: boolean;
   warn?: (message: string) => void;
 }
 
 /**
  * Sparsifies one task vector. Returns `delta` itself when nothing is removed (density ≥ 1) or
- * when `inPlace` lets a random or DELLA mask be applied to it, otherwise a new array.
+ * when `inPlace` lets the mask be applied to it, otherwise a new array.
  */
 export function sparsify(delta: Float32Array, o: SparsifyOptions): Float32Array {
   if (o.density >= 1) return delta;
@@ -199,10 +199,10 @@ export function sparsify(delta: Float32Array, o: SparsifyOptions): Float32Array 
         o.warn?.(zeroedWarning(o.tensorName, o.model, o.density, delta.length));
         return new Float32Array(delta.length);
       }
-      return applyMask(delta, magnitudeMask(delta, o.density)!, o.rescale);
+      return applyMask(delta, magnitudeMask(delta, o.density)!, o.rescale, o.inPlace ? delta : undefined);
     }
     case 'magnitude_outliers':
-      return applyMask(delta, magnitudeOutliersMask(delta, o.density, o.gamma ?? 0.01)!, o.rescale);
+      return applyMask(delta, magnitudeOutliersMask(delta, o.density, o.gamma ?? 0.01)!, o.rescale, o.inPlace ? delta : undefined);
     case 'random': {
       if (o.density <= 0) return new Float32Array(delta.length);
       const mask = needMasks().draw({ tensorName: o.tensorName, model: o.model, numel: delta.length, probability: o.density });

@@ -222,43 +222,70 @@ export function selectKth(keys: Uint32Array, k: number): number {
   return radixSelect(keys, k).value;
 }
 
+/** 2⁻³². */
+const TWO_M32 = 2.3283064365386963e-10;
+
 /**
  * Marks the `k` largest keys. Ties at the threshold are broken by lower flat index, so the
  * result is deterministic.
  */
 export function topKMask(keys: Uint32Array, k: number): Uint8Array {
-  const n = keys.length;
-  const mask = new Uint8Array(n);
-  if (k <= 0) return mask;
-  if (k >= n) return mask.fill(1);
-  const { value: threshold, less, equal } = radixSelect(keys, n - k);
-  const greater = n - less - equal;
-  let ties = k - greater;
-  if (ties === equal) {
-    for (let i = 0; i < n; i++) mask[i] = keys[i] >= threshold ? 1 : 0;
-    return mask;
-  }
-  for (let i = 0; i < n; i++) {
-    const v = keys[i];
-    if (v > threshold) mask[i] = 1;
-    else if (v === threshold && ties > 0) {
-      mask[i] = 1;
-      ties--;
-    }
-  }
-  return mask;
+  return descendingRangeMask(keys, 0, k);
+}
+
+/** The top-k rule of a selection: keys above `thr`, and the first `ties` keys equal to it. */
+interface TopRule {
+  thr: number;
+  ties: number;
+}
+
+/** The rule marking the `k` largest keys (0 < k < n). */
+function topRule(sel: Selection, n: number, k: number): TopRule {
+  return { thr: sel.value, ties: k - (n - sel.less - sel.equal) };
 }
 
 /**
  * Marks the keys at positions `[start, end)` of the descending order (largest first, ties by
- * lower flat index).
+ * lower flat index). One pass over the keys finds both thresholds; the marks are set without
+ * branches on the keys (random outcomes defeat branch prediction), then corrected for the keys
+ * equal to a threshold where only some of them are taken.
  */
 export function descendingRangeMask(keys: Uint32Array, start: number, end: number): Uint8Array {
-  const upper = topKMask(keys, end);
-  if (start <= 0) return upper;
-  const above = topKMask(keys, start);
-  for (let i = 0; i < upper.length; i++) if (above[i]) upper[i] = 0;
-  return upper;
+  const n = keys.length;
+  const mask = new Uint8Array(n);
+  const from = Math.max(0, start);
+  const to = Math.min(n, end);
+  if (to <= from) return mask;
+  // Position < to: key ≥ hi (and, for key = hi, among the first hiTies); position < from: key > lo
+  // or (key = lo and among the first loTies). Ranges that reach an end need no threshold.
+  const ranks: number[] = [];
+  if (to < n) ranks.push(n - to);
+  if (from > 0) ranks.push(n - from);
+  const sel = ranks.length ? radixSelectRanks(keys, ranks) : [];
+  const upper = to < n ? topRule(sel[0]!, n, to) : undefined;
+  const lower = from > 0 ? topRule(sel[sel.length - 1]!, n, from) : undefined;
+  // key ≥ hi as ⌊(hi − 1 − key)·2⁻³²⌋ = −1 (exact for 32-bit keys); key ≤ lo likewise.
+  const hi = upper ? upper.thr : 0;
+  const lo = lower ? lower.thr : 4294967295;
+  for (let i = 0; i < n; i++) {
+    const key = keys[i]!;
+    mask[i] = Math.floor((hi - 1 - key) * TWO_M32) * Math.floor((key - lo - 1) * TWO_M32);
+  }
+  // Keys equal to a threshold: the marks above took all of them for `hi` and none was excluded
+  // for `lo`; keep only those whose rank among the equal keys (in index order) is inside.
+  const hiEqual = upper ? sel[0]!.equal : 0;
+  const needHi = upper !== undefined && upper.ties < hiEqual;
+  const needLo = lower !== undefined && lower.ties > 0;
+  if (needHi || needLo) {
+    let seenHi = 0;
+    let seenLo = 0;
+    for (let i = 0; i < n; i++) {
+      const key = keys[i]!;
+      if (needHi && key === hi && ++seenHi > upper.ties) mask[i] = 0;
+      if (needLo && key === lo && ++seenLo <= lower.ties) mask[i] = 0;
+    }
+  }
+  return mask;
 }
 
 /** Exact order statistics of float32 values: the values at ascending positions `ks`. */
