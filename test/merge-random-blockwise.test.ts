@@ -209,3 +209,28 @@ test('keep-mask draws equal one nextU32 per element, for a threshold and for per
   assert.ok(ones > 500 && ones < n - 500, `${ones} kept`);
   assert.equal(a.nextU32(), b.nextU32());
 });
+
+test('a task vector shorter than the base reads as NaN past its end, not as an earlier block', () => {
+  const base = new Float32Array(20000).fill(1);
+  combineTaskVectors(base, [new Float32Array(20000).fill(7)], [1], null, false, 1);
+  const out = combineTaskVectors(base, [new Float32Array(19990).fill(2)], [1], null, false, 1);
+  assert.equal(out[0], 3);
+  assert.ok(Number.isNaN(out[19995]!), `${out[19995]}`);
+});
+
+test('DELLA checks epsilon before asking for a random source, as the plain pipeline does', () => {
+  const ins = inputs(8, [40, 50], 1, false);
+  const params = prepareParams('della', { tensorName: T, models: ['base', 'm0'], base: 'base' }, { perModel: { m0: { weight: 1, density: 0.5, epsilon: 0.2 } } });
+  (params.perModel as Record<string, Record<string, unknown>>)['m0']!['epsilon'] = 0.6;
+  assert.throws(() => mergeTensor('della', { tensorName: T, isEmbed: false, inputs: ins, base: 'base', params }), /della needs 0 < density - epsilon/);
+});
+
+test('keep-mask probabilities outside [0, 1] mark 0 or 1 only', () => {
+  const mask = new Uint8Array(64);
+  new Rng(1).fillBernoulli(mask, -5);
+  assert.ok(mask.every((v) => v === 0));
+  new Rng(1).fillBernoulli(mask, 2 * 4294967296);
+  assert.ok(mask.every((v) => v === 1));
+  new Rng(1).fillBernoulliEach(mask, Float32Array.from({ length: 64 }, (_, i) => (i % 2 ? -0.5 : 1.5)));
+  assert.ok(mask.every((v, i) => v === (i % 2 ? 0 : 1)));
+});

@@ -26,7 +26,7 @@ import { tensorRng } from '../merge/sparsify.js';
 import type { ParamValue } from '../merge/types.js';
 import { encodeFromF32, type FloatDType } from '../tensor/dtype.js';
 import { frobeniusNorm, randomizedSvd, svd, truncateSvd, type Matmul32, type SvdResult } from '../tensor/linalg.js';
-import { createBackend } from '../backend/index.js';
+import { createBackend, ReferenceBackend, wasmSimdSupported, type Backend } from '../backend/index.js';
 import { buildAdapterConfig, loraTensorName, savedTensorName, type FullTensor, type LoraFactors, type PeftAdapterSpec, type WritePeftAdapterOptions } from './peft-write.js';
 import { checkTargetModules, loraDelta } from './apply.js';
 
@@ -523,17 +523,44 @@ export interface FactorizeResult {
 
 /**
  * Float32 products on the WebAssembly compute backend (SIMD, all cores) for the randomised SVDs of
- * large matrices, where its kernels are built; `dispose` releases its threads. Without them the
- * products stay float64 TypeScript (the same results up to float32 rounding, 10 to 15 times slower).
+ * large matrices, started at the first product; `dispose` releases its threads. Where WebAssembly
+ * SIMD is missing the products stay float64 TypeScript (the same results up to float32 rounding,
+ * 10 to 15 times slower); where the backend cannot start they run on the reference backend.
  */
 export function svdProducts(): { matmul32?: Matmul32; dispose(): void } {
-  try {
-    const be = createBackend('wasm');
-    return { matmul32: (x, y, out, M, K, N, o) => be.matmul(x, y, out, M, K, N, o), dispose: () => be.dispose() };
-  } catch {
-    return { dispose: () => {} };
-  }
+  if (!wasmSimdSupported()) return { dispose: () => {} };
+  // Started at the first product, so that runs without a randomised SVD start no threads.
+  let be: Backend | null | undefined;
+  const backend = (): Backend | null => {
+    if (be === undefined) {
+      try {
+        be = createBackend('wasm');
+      } catch {
+        be = null;
+      }
+    }
+    return be;
+  };
+  return {
+    matmul32: (x, y, out, M, K, N, o) => {
+      const b = backend();
+      if (b) b.matmul(x, y, out, M, K, N, o);
+      else referenceMatmul32(x, y, out, M, K, N, o);
+    },
+    dispose: () => be?.dispose(),
+  };
 }
+
+/** out[M×N] = op(x)·y in float32 without a backend (only where the WebAssembly kernels cannot start). */
+function referenceMatmul32(x: Float32Array, y: Float32Array, out: Float32Array, M: number, K: number, N: number, o?: { transA?: boolean }): void {
+  new ReferenceBackend().matmul(x, y, out, M, K, N, o);
+}
+
+/**
+ * Largest matrix (values) whose randomised SVD uses `matmul32`: the WebAssembly backend copies it
+ * into its own memory (at most 4 GiB, held until disposed). Larger ones keep the float64 products.
+ */
+const MATMUL32_MAX_VALUES = 1 << 28;
 
 /**
  * Rank-k factorisation M ≈ B·A of an m×n matrix by truncated SVD: B = U_k·S_k, A = V_kᵀ. Uses the
@@ -554,7 +581,7 @@ export function factorize(
       seed: opts.seed ?? 0,
       oversample: opts.oversample ?? 10,
       powerIters: opts.powerIters ?? 2,
-      ...(opts.matmul32 ? { matmul32: opts.matmul32 } : {}),
+      ...(opts.matmul32 && m * n <= MATMUL32_MAX_VALUES ? { matmul32: opts.matmul32 } : {}),
     });
   } else {
     r = truncateSvd(svd(mat, m, n), m, n, kk);

@@ -84,7 +84,13 @@ export function combineTaskVectors(
   normalize: boolean,
   lambda: number,
 ): Float32Array {
-  const fill: DeltaFill = (k, start, len, dst) => dst.set(deltas[k]!.subarray(start, start + len));
+  const fill: DeltaFill = (k, start, len, dst) => {
+    const src = deltas[k]!.subarray(start, start + len);
+    dst.set(src);
+    // A task vector shorter than the base reads as NaN past its end (as indexing it did), never
+    // as whatever the block held before.
+    if (src.length < len) dst.fill(NaN, src.length);
+  };
   return combineFilled(base, deltas.length, fill, weights, consensus, normalize, lambda);
 }
 
@@ -216,18 +222,17 @@ function combineRandomSparsified(
   for (const x of others) {
     const density = modelNumber(ctx, x.model, 'density');
     checkDensity(density, ctx.tensorName, x.model);
+    // As the unfused pipeline: epsilon is read for every model, and checked before the random source.
+    const epsilon = method === 'della_magprune' ? modelNumber(ctx, x.model, 'epsilon') : 0;
     if (density >= 1 || density <= 0) {
       keep.push(density >= 1 ? 'all' : 'none');
       weights.push(modelNumber(ctx, x.model, 'weight'));
       continue;
     }
+    if (method === 'della_magprune') checkDellaEpsilon(density, epsilon, ctx.tensorName, x.model);
     if (!masks) throw new AmalgamError('E_USAGE', `${method} sparsification needs a random source`, { key: ctx.tensorName });
     let probability: number | Float32Array = density;
-    if (method === 'della_magprune') {
-      const epsilon = modelNumber(ctx, x.model, 'epsilon');
-      checkDellaEpsilon(density, epsilon, ctx.tensorName, x.model);
-      probability = dellaProbabilities(subtract(x.data, b), base.shape, density, epsilon);
-    }
+    if (method === 'della_magprune') probability = dellaProbabilities(subtract(x.data, b), base.shape, density, epsilon);
     const mask = masks.draw({ tensorName: ctx.tensorName, model: x.model, numel: n, probability });
     let scale: number | undefined;
     if (rescale) {

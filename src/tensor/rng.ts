@@ -45,7 +45,8 @@ export class Rng {
    * locals for the loop (several times faster).
    */
   fillBernoulli(out: Uint8Array, threshold: number): void {
-    this.fillMask(out, threshold, undefined);
+    // The marks below are 0 or 1 only for 0 ≤ threshold ≤ 2³² (NaN: all 0, as `r < NaN`).
+    this.fillMask(out, threshold < 0 ? 0 : threshold > 4294967296 ? 4294967296 : threshold, undefined);
   }
 
   /** Like `fillBernoulli` with a threshold per element: draw i is compared with `probability[i]` · 2³². */
@@ -85,7 +86,8 @@ export class Rng {
         s0 ^= s3;
         s2 ^= t;
         s3 = (s3 << 11) | (s3 >>> 21);
-        out[i] = -Math.floor((r - probability[i]! * 4294967296) * TWO_M32);
+        const p = probability[i]! * 4294967296;
+        out[i] = -Math.floor((r - (p < 0 ? 0 : p > 4294967296 ? 4294967296 : p)) * TWO_M32);
       }
     }
     this.s0 = s0;
