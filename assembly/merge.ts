@@ -467,3 +467,70 @@ export function combine(
     }
   }
 }
+
+// DELLA keep probabilities (src/merge/sparsify.ts `dellaProbabilities`) of contiguous rows: per
+// row of `n` float32 task vector values, the ascending ranks of |value| (ties by lower index, a
+// stable LSD radix sort on the 31 magnitude bits in 11-bit digits, as `magnitudeRanks`), then
+// p = lo + (rank / (n − 1)) · 2 · epsilon in float64, stored as float32 (0.5 for the rank ratio
+// of a one-value row). `pscratch` holds 4·n u32 plus 2048 u32 of counts.
+export function dellaRows(pvals: usize, rows: i32, n: i32, lo: f64, epsilon: f64, pout: usize, pscratch: usize): void {
+  const nn = <usize>n;
+  let keys = pscratch;
+  let keys2 = pscratch + (nn << 2);
+  let idx = pscratch + (nn << 3);
+  let idx2 = pscratch + nn * 12;
+  const count = pscratch + (nn << 4);
+  const denom = <f64>(n - 1);
+  for (let r = 0; r < rows; r++) {
+    const pv = pvals + ((<usize>r * nn) << 2);
+    const po = pout + ((<usize>r * nn) << 2);
+    keys = pscratch;
+    keys2 = pscratch + (nn << 2);
+    idx = pscratch + (nn << 3);
+    idx2 = pscratch + nn * 12;
+    let or: u32 = 0;
+    let and: u32 = 0x7fffffff;
+    for (let j = 0; j < n; j++) {
+      const k = load<u32>(pv + (<usize>j << 2)) & 0x7fffffff;
+      store<u32>(keys + (<usize>j << 2), k);
+      store<u32>(idx + (<usize>j << 2), <u32>j);
+      or |= k;
+      and &= k;
+    }
+    const varying = or ^ and;
+    for (let shift: u32 = 0; shift < 31; shift += 11) {
+      if (((varying >>> shift) & 0x7ff) == 0) continue;
+      memory.fill(count, 0, 2048 << 2);
+      for (let j = 0; j < n; j++) {
+        const p = count + (<usize>((load<u32>(keys + (<usize>j << 2)) >>> shift) & 0x7ff) << 2);
+        store<u32>(p, load<u32>(p) + 1);
+      }
+      let sum: u32 = 0;
+      for (let d = 0; d < 2048; d++) {
+        const p = count + (<usize>d << 2);
+        const c = load<u32>(p);
+        store<u32>(p, sum);
+        sum += c;
+      }
+      for (let j = 0; j < n; j++) {
+        const k = load<u32>(keys + (<usize>j << 2));
+        const p = count + (<usize>((k >>> shift) & 0x7ff) << 2);
+        const pos = load<u32>(p);
+        store<u32>(p, pos + 1);
+        store<u32>(keys2 + (<usize>pos << 2), k);
+        store<u32>(idx2 + (<usize>pos << 2), load<u32>(idx + (<usize>j << 2)));
+      }
+      let t = keys;
+      keys = keys2;
+      keys2 = t;
+      t = idx;
+      idx = idx2;
+      idx2 = t;
+    }
+    for (let s = 0; s < n; s++) {
+      const j = <usize>load<u32>(idx + (<usize>s << 2));
+      const ratio: f64 = n > 1 ? <f64>s / denom : 0.5;
+      store<f32>(po + (j << 2), <f32>(lo + ratio * 2 * epsilon));
+    }
+  }
+}

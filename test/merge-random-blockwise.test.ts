@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Rng } from '../src/tensor/rng.js';
 import { mergeTensor, prepareParams, type MaskSource, type MergeInput } from '../src/merge/registry.js';
-import { givenMaskSource, rngMaskSource, sparsify, tensorRng } from '../src/merge/sparsify.js';
+import { dellaProbabilities, givenMaskSource, rngMaskSource, sparsify, tensorRng } from '../src/merge/sparsify.js';
 import { combineTaskVectors } from '../src/merge/gta.js';
 import { subtract } from '../src/merge/tensor-ops.js';
 import { useWasmKernels, wasmKernelsAvailable } from '../src/merge/fused-wasm.js';
@@ -233,4 +233,26 @@ test('keep-mask probabilities outside [0, 1] mark 0 or 1 only', () => {
   assert.ok(mask.every((v) => v === 1));
   new Rng(1).fillBernoulliEach(mask, Float32Array.from({ length: 64 }, (_, i) => (i % 2 ? -0.5 : 1.5)));
   assert.ok(mask.every((v, i) => v === (i % 2 ? 0 : 1)));
+});
+
+test('DELLA keep probabilities from the WebAssembly ranking equal the TypeScript ones', { skip: !wasmKernelsAvailable() && 'WebAssembly kernels not built' }, () => {
+  const rng = new Rng(21);
+  for (const [shape, ties] of [[[64, 300], false], [[3, 70000], false], [[200, 1], false], [[1, 1], false], [[50, 128], true], [[4000], true], [[6, 5, 4], false]] as const) {
+    const n = shape.reduce((a, b) => a * b, 1);
+    // With ties: few distinct magnitudes, zeros and both signs, so ranks follow the index order.
+    const delta = Float32Array.from({ length: n }, () => (ties ? (rng.int(5) - 2) * 0.25 : rng.normal() * 0.01));
+    if (!ties && n > 10) {
+      delta[3] = -0;
+      delta[7] = 0;
+      delta[9] = NaN;
+    }
+    const fast = dellaProbabilities(delta, shape, 0.5, 0.15);
+    useWasmKernels(false);
+    const plain = dellaProbabilities(delta, shape, 0.5, 0.15);
+    useWasmKernels(true);
+    assert.equal(firstDifference(fast, plain), -1, JSON.stringify(shape));
+    const rowLength = shape.length < 2 ? n : shape[1]!;
+    if (rowLength > 1) assert.ok(fast.some((p) => p > 0.6) && fast.some((p) => p < 0.4), 'probabilities spread around the density');
+    else assert.ok(fast.every((p) => p === 0.5), 'a one-value row keeps the density');
+  }
 });

@@ -32,6 +32,7 @@ interface MergeWasmExports {
   bucketKeys(pkeys: number, len: number, bucket: number, plow: number, index0: number, plist: number): number;
   combine(pbase: number, stride: number, m: number, n: number, prm: number, flags: number, lambda: number, scalarDiv: number, pout: number, pscratch: number): void;
   combineFinite(pbase: number, stride: number, m: number, n: number, prm: number, flags: number, lambda: number, pout: number): void;
+  dellaRows(pvals: number, rows: number, n: number, lo: number, epsilon: number, pout: number, pscratch: number): void;
 }
 
 interface WasmState {
@@ -194,6 +195,34 @@ export function combineDeltas(
     state.exports.combine(pIn, stride, M, len4, pParams, flags, s.lambda, s.scalarDivisor, pOut, pScratch);
     if (state.exports.sawNaN()) redo(start, len);
     else out.set(f32.subarray(pOut >>> 2, (pOut >>> 2) + len), start);
+  }
+  return true;
+}
+
+/**
+ * DELLA keep probabilities of `rows` contiguous rows of `n` task vector values each
+ * (`dellaProbabilities` in sparsify.ts, whose TypeScript loop gives the same float32 values) in
+ * WebAssembly, through the kernel's scratch memory (below any prefetch area). False, having done
+ * nothing, where the kernels are not available or a row does not fit that memory.
+ */
+export function dellaRowsWasm(delta: Float32Array, rows: number, n: number, lo: number, epsilon: number, out: Float32Array): boolean {
+  const state = mergeWasm();
+  if (!state || n < 1) return false;
+  const rowBytes = n * 4;
+  const block = Math.max(1, Math.floor((1 << 20) / rowBytes));
+  const pIn = WASM_BASE;
+  const pOut = pIn + block * rowBytes;
+  const pScratch = Math.ceil((pOut + block * rowBytes) / 16) * 16;
+  const end = pScratch + 4 * rowBytes + 2048 * 4;
+  if (end > kernelRegionEnd(2)) return false;
+  const have = state.memory.buffer.byteLength;
+  if (end > have) state.memory.grow(Math.ceil((end - have) / PAGE));
+  const f32 = new Float32Array(state.memory.buffer);
+  for (let r0 = 0; r0 < rows; r0 += block) {
+    const count = Math.min(block, rows - r0);
+    f32.set(delta.subarray(r0 * n, (r0 + count) * n), pIn >>> 2);
+    state.exports.dellaRows(pIn, count, n, lo, epsilon, pOut, pScratch);
+    out.set(f32.subarray(pOut >>> 2, (pOut >>> 2) + count * n), r0 * n);
   }
   return true;
 }

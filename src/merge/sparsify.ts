@@ -7,6 +7,7 @@
 import { AmalgamError } from '../errors.js';
 import { Rng } from '../tensor/rng.js';
 import { descendingRangeMask, magnitudeKeys, magnitudeRanks, topKMask } from './tensor-ops.js';
+import { dellaRowsWasm } from './fused-wasm.js';
 import type { MaskRequest, MaskSource } from './types.js';
 
 export type SparsifyMethod = 'magnitude' | 'magnitude_outliers' | 'random' | 'della_magprune';
@@ -86,8 +87,9 @@ function dellaLayout(shape: readonly number[], numel: number): { outer: number; 
 export function dellaProbabilities(delta: Float32Array, shape: readonly number[], density: number, epsilon: number): Float32Array {
   const probs = new Float32Array(delta.length);
   const { outer, n, inner } = dellaLayout(shape, delta.length);
-  const ranks = new Uint32Array(n);
   const lo = density - epsilon;
+  if (inner === 1 && dellaRowsWasm(delta, outer, n, lo, epsilon, probs)) return probs;
+  const ranks = new Uint32Array(n);
   for (let o = 0; o < outer; o++) {
     for (let k = 0; k < inner; k++) {
       const offset = o * n * inner + k;
