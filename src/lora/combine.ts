@@ -530,30 +530,20 @@ export interface FactorizeResult {
 export function svdProducts(): { matmul32?: Matmul32; dispose(): void } {
   if (!wasmSimdSupported()) return { dispose: () => {} };
   // Started at the first product, so that runs without a randomised SVD start no threads.
-  let be: Backend | null | undefined;
-  const backend = (): Backend | null => {
-    if (be === undefined) {
-      try {
-        be = createBackend('wasm');
-      } catch {
-        be = null;
-      }
-    }
-    return be;
-  };
+  let be: Backend | undefined;
   return {
     matmul32: (x, y, out, M, K, N, o) => {
-      const b = backend();
-      if (b) b.matmul(x, y, out, M, K, N, o);
-      else referenceMatmul32(x, y, out, M, K, N, o);
+      if (!be) {
+        try {
+          be = createBackend('wasm');
+        } catch {
+          be = new ReferenceBackend();
+        }
+      }
+      be.matmul(x, y, out, M, K, N, o);
     },
     dispose: () => be?.dispose(),
   };
-}
-
-/** out[M×N] = op(x)·y in float32 without a backend (only where the WebAssembly kernels cannot start). */
-function referenceMatmul32(x: Float32Array, y: Float32Array, out: Float32Array, M: number, K: number, N: number, o?: { transA?: boolean }): void {
-  new ReferenceBackend().matmul(x, y, out, M, K, N, o);
 }
 
 /**
