@@ -43,13 +43,39 @@ export const linear: MergeMethod = {
     let sum = 0;
     for (const w of weights) sum += w;
     if (normalize && Math.abs(sum) < ZERO_SUM) throw zeroSum(ctx.tensorName, sum);
-    const n = inputs[0].data.length;
-    const out = new Float32Array(n);
-    for (let i = 0; i < n; i++) {
-      let acc = 0;
-      for (let k = 0; k < inputs.length; k++) acc += weights[k] * inputs[k].data[i];
-      out[i] = normalize ? acc / sum : acc;
-    }
+    const out = weightedSum(
+      inputs.map((t) => t.data),
+      weights,
+      normalize ? sum : 1,
+    );
     return output(out, inputs[0].shape);
   },
 };
+
+/** Values per block of `weightedSum`'s float64 accumulator. */
+const BLOCK = 4096;
+
+/**
+ * Σₖ wₖ·xₖ / divisor, each element accumulated in float64 from 0 in model order and rounded to
+ * float32 once. Block by block and model by model, so every inner loop reads one array.
+ */
+export function weightedSum(xs: readonly Float32Array[], weights: readonly number[], divisor: number): Float32Array {
+  const n = xs[0]!.length;
+  const out = new Float32Array(n);
+  const acc = new Float64Array(Math.min(BLOCK, n));
+  for (let start = 0; start < n; start += BLOCK) {
+    const len = Math.min(BLOCK, n - start);
+    acc.fill(0, 0, len);
+    for (let k = 0; k < xs.length; k++) {
+      const x = xs[k]!;
+      const w = weights[k]!;
+      // A shorter input reads as NaN past its end, as indexing it element by element did.
+      const have = Math.max(0, Math.min(len, x.length - start));
+      for (let j = 0; j < have; j++) acc[j] += w * x[start + j]!;
+      for (let j = have; j < len; j++) acc[j] += NaN;
+    }
+    if (divisor === 1) for (let j = 0; j < len; j++) out[start + j] = acc[j]!;
+    else for (let j = 0; j < len; j++) out[start + j] = acc[j]! / divisor;
+  }
+  return out;
+}
