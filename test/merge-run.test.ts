@@ -282,12 +282,15 @@ test('an existing output is refused unless overwrite; a failure mid-merge leaves
   let reads = 0;
   const failing = async (p: string): Promise<TensorSource> => {
     const s = await openSafetensors(p);
+    // Every read goes through the source (no file locations), and the 12th fails.
     return new Proxy(s, {
       get(target, prop) {
-        if (prop === 'readF32') {
-          return async (name: string) => {
+        if (prop === 'locate') return () => undefined;
+        if (prop === 'readF32' || prop === 'readRaw' || prop === 'readRawInto') {
+          const read = (Reflect.get(target, prop, target) as (...a: unknown[]) => Promise<unknown>).bind(target);
+          return async (...args: unknown[]) => {
             if (++reads === 12) throw new Error('disk on fire');
-            return target.readF32(name);
+            return read(...args);
           };
         }
         const v = Reflect.get(target, prop, target) as unknown;

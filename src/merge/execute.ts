@@ -48,6 +48,7 @@ import type { PrefetchAreas } from './prefetch.js';
 import { AMALGAM_VERSION, writeOutputFiles } from './output.js';
 import { buildPermutedEmbedding, permutedEmbeddingSources, type EmbeddingMatrix } from './embed.js';
 import { embeddingPermutation, tensorCost, type MergePlan, type PlannedTensor } from './plan.js';
+import { getMergeMethod } from './registry.js';
 import {
   computeTensor,
   deserializeError,
@@ -558,6 +559,7 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
   // WebAssembly kernel (`streamed`), or read whole into reused buffers (`stored`).
   const stored = new Set<number>();
   const streamed = new Set<number>();
+  const chunkedMethod = getMergeMethod(plan.method).mergeChunked !== undefined;
   // The other merged tensors with float inputs: read as stored into reused buffers and decoded by
   // the worker (not on this thread), the result encoded into a page-placed output buffer. The
   // stored copies are held beside the float32 ones, so the largest tensors (a quarter of the
@@ -565,12 +567,13 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
   const raw = new Set<number>();
   if ([...sources.values()].every(canReadRawInto)) {
     const round = plan.computeDtype === 'BF16' || plan.computeDtype === 'F16' ? plan.computeDtype : undefined;
+    // The fused GTA kernel reads located inputs from their files itself (WebAssembly); methods
+    // with `mergeChunked` read them a window at a time in any float dtype (chunked.ts).
     const wasmOk = wasmKernelsAvailable();
     for (const t of plan.tensors) {
       if (t.kind !== 'merge' || t.permutation || !storedInputsFit(plan.method, t)) continue;
       const located =
-        wasmOk &&
-        wasmDtypesFit(t.inputs.map((i) => ({ dtype: i.dtype, round })), t.dtype) &&
+        (chunkedMethod || (wasmOk && wasmDtypesFit(t.inputs.map((i) => ({ dtype: i.dtype, round })), t.dtype))) &&
         t.inputs.every((i) => (sources.get(i.model) as RawIntoSource).locate(i.tensor) !== undefined);
       (located ? streamed : stored).add(t.index);
     }
@@ -583,7 +586,8 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
   const cost = (t: PlannedTensor) =>
     streamed.has(t.index) ? streamedCost(t) : stored.has(t.index) ? storedCost(t) : raw.has(t.index) ? rawCost(t) : tensorCost(t);
   const locate = (i: { model: string; tensor: string }) => (sources.get(i.model) as RawIntoSource).locate(i.tensor)!;
-  const io = planStreamedReads(plan, streamed, locate, budget, pool ? jobs : 0, opts.directReads ?? 'auto');
+  // Direct reads and read-ahead areas serve the fused kernel only.
+  const io = planStreamedReads(plan, chunkedMethod ? new Set() : streamed, locate, budget, pool ? jobs : 0, opts.directReads ?? 'auto');
   const { direct, prefetch, residentBytes, big } = io;
   // Workers keep the float32 arrays of a tensor read as stored for the next one's inputs (see
   // `SpareArrays` in worker.ts): as many as a tensor has inputs, of the largest such tensor, set

@@ -113,4 +113,37 @@ export interface MergeMethod {
    * (`model_stock` on an optional tensor that too few models have).
    */
   merge(ctx: MergeContext): MergeOutput | null;
+  /**
+   * Optionally, the same merge block by block from the stored values (`chunked.ts`), with no
+   * float32 copy of a whole input: the same values, warnings and errors as `merge`. Returns
+   * false, having done nothing, where it does not apply (the executor then calls `merge`).
+   */
+  mergeChunked?(ctx: Omit<MergeContext, 'inputs'>, inputs: readonly ChunkedInput[], out: ChunkWriter): boolean;
+}
+
+/** One input of `mergeChunked`: its values, read block by block. */
+export interface ChunkedInput {
+  model: string;
+  shape: readonly number[];
+  /** Number of values. */
+  length: number;
+  /** Writes values [start, start + dst.length) as float32 (decoded exactly, rounded to the merge's dtype) into `dst`. */
+  read(start: number, dst: Float32Array): void;
+  /**
+   * Where `read` only decodes (no rounding): the stored dtype, and `view`, which gives values
+   * [start, start + len) as stored (valid until the next `read` or `view`), for kernels that
+   * decode them on their own.
+   */
+  stored?: { dtype: StoredArray['dtype']; view(start: number, len: number): StoredArray };
+}
+
+/** Values as stored: float32, or the bits of BF16 or F16. */
+export type StoredArray = { dtype: 'F32'; data: Float32Array } | { dtype: 'BF16' | 'F16'; data: Uint16Array };
+
+/** Receives a chunked merge's result block by block, encoding it in the output dtype. */
+export interface ChunkWriter {
+  length: number;
+  write(start: number, src: Float32Array): void;
+  /** The output's stored values, which `write` encodes into. */
+  stored: StoredArray;
 }

@@ -15,7 +15,8 @@ import { fusedApplies, fusedMerge, gtaVariantOf, type StoredInput } from './gta.
 import { InputPrefetcher, type PrefetchAreas } from './prefetch.js';
 import { getMergeMethod, mergeTensor } from './registry.js';
 import { tensorRng } from './sparsify.js';
-import type { MergeInput, ResolvedParams } from './types.js';
+import { chunkedFileInput, chunkedInput, chunkWriter } from './chunked.js';
+import type { ChunkedInput, MergeInput, MergeMethod, ResolvedParams } from './types.js';
 
 /** Marks worker threads started by the executor. */
 export const WORKER_MARK = 'amalgam-merge-worker';
@@ -117,8 +118,11 @@ export function storedInputsFit(
   methodName: string,
   t: { params: ResolvedParams; base: string | null; inputs: readonly { shape: readonly number[]; dtype: DType }[]; shape: readonly number[]; dtype: DType },
 ): boolean {
-  const v = gtaVariantOf(getMergeMethod(methodName));
-  if (!v || !fusedApplies(v, t.params.global['rescale']) || t.base === null || t.inputs.length < 2) return false;
+  const method = getMergeMethod(methodName);
+  const v = gtaVariantOf(method);
+  if (method.mergeChunked) {
+    if (t.inputs.length === 0) return false;
+  } else if (!v || !fusedApplies(v, t.params.global['rescale']) || t.base === null || t.inputs.length < 2) return false;
   if (!isStoredDType(t.dtype)) return false;
   const n = numel(t.shape);
   return t.inputs.every((i) => isStoredDType(i.dtype) && numel(i.shape) === n && i.shape.length === t.shape.length && i.shape.every((d, k) => d === t.shape[k]));
@@ -178,6 +182,7 @@ function computeStored(task: ComputeTask, warnings: string[], preloaded?: Preloa
 
 function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<string, number>, preloaded?: Preloaded): Uint8Array | undefined {
   const method = getMergeMethod(task.method);
+  if (method.mergeChunked) return computeChunked(task, warnings, fds, method.mergeChunked.bind(method));
   const v = gtaVariantOf(method);
   if (!v || !isStoredDType(task.outDtype)) return undefined;
   const round = task.computeDtype === 'BF16' || task.computeDtype === 'F16' ? task.computeDtype : undefined;
@@ -199,13 +204,7 @@ function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<strin
     if (!values) return undefined;
     inputs.push({ model: i.model, shape: i.shape, values });
   }
-  const n = numel(task.outShape);
-  const outBytes = byteSize(task.outDtype, n)!;
-  const given = task.outBuffer !== undefined && task.outBuffer.byteLength >= (task.outOffset ?? 0) + outBytes;
-  const buf = given ? task.outBuffer! : new ArrayBuffer(outBytes);
-  const at = given ? (task.outOffset ?? 0) : 0;
-  const out: MemoryValues =
-    task.outDtype === 'F32' ? { dtype: 'F32', data: new Float32Array(buf, at, n) } : { dtype: task.outDtype, data: new Uint16Array(buf, at, n) };
+  const { out, buf, at, outBytes } = storedOutput(task, task.outDtype);
   const base = inputs.find((i) => i.model === task.base);
   if (!base || base.shape.length !== task.outShape.length || base.shape.some((d, k) => d !== task.outShape[k])) return undefined;
   const ctx = {
@@ -219,6 +218,50 @@ function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<strin
   // With areas for preloading, the kernel memory past them is not the kernel's to hold inputs in.
   const opts = preloaded ? { preloaded } : task.residentBytes && !task.prefetch ? { residentBytes: task.residentBytes } : {};
   if (!fusedMerge(v, ctx, inputs, out, opts)) return undefined;
+  return new Uint8Array(buf, at, outBytes);
+}
+
+/** The output's stored values in the task's `outBuffer` (at `outOffset`), else in new memory. */
+function storedOutput(task: ComputeTask, dtype: StoredDType): { out: MemoryValues; buf: ArrayBuffer | SharedArrayBuffer; at: number; outBytes: number } {
+  const n = numel(task.outShape);
+  const outBytes = byteSize(dtype, n)!;
+  const given = task.outBuffer !== undefined && task.outBuffer.byteLength >= (task.outOffset ?? 0) + outBytes;
+  const buf = given ? task.outBuffer! : new ArrayBuffer(outBytes);
+  const at = given ? (task.outOffset ?? 0) : 0;
+  const out: MemoryValues = dtype === 'F32' ? { dtype: 'F32', data: new Float32Array(buf, at, n) } : { dtype, data: new Uint16Array(buf, at, n) };
+  return { out, buf, at, outBytes };
+}
+
+/**
+ * A method's `mergeChunked` over inputs given as stored bytes; undefined (nothing done) where
+ * an input is not, or the method declines.
+ */
+function computeChunked(task: ComputeTask, warnings: string[], fds: Map<string, number>, run: NonNullable<MergeMethod['mergeChunked']>): Uint8Array | undefined {
+  if (!isStoredDType(task.outDtype)) return undefined;
+  const round = task.computeDtype === 'BF16' || task.computeDtype === 'F16' ? task.computeDtype : undefined;
+  const inputs: ChunkedInput[] = [];
+  for (const i of task.inputs) {
+    if (!isStoredDType(i.dtype)) return undefined;
+    if (i.file) {
+      const file = { fd: openFd(i.file.path, fds), path: i.file.path, offset: i.file.offset, length: numel(i.shape), dtype: i.dtype, ...(round ? { round } : {}) };
+      inputs.push(chunkedFileInput(i.model, i.shape, file, task.tensorName));
+      continue;
+    }
+    if (!i.raw || byteSize(i.dtype, numel(i.shape)) !== i.raw.byteLength) return undefined;
+    const values = storedView(i.raw, i.dtype, round);
+    if (!values || !('data' in values)) return undefined;
+    inputs.push(chunkedInput(i.model, i.shape, values));
+  }
+  const { out, buf, at, outBytes } = storedOutput(task, task.outDtype);
+  const ctx = {
+    tensorName: task.tensorName,
+    isEmbed: task.isEmbed,
+    isOptional: task.isOptional,
+    base: task.base,
+    params: task.params,
+    warn: (m: string) => warnings.push(m),
+  };
+  if (!run(ctx, inputs, chunkWriter(out))) return undefined;
   return new Uint8Array(buf, at, outBytes);
 }
 

@@ -5,8 +5,10 @@
 import { AmalgamError } from '../../errors.js';
 import { copyOf, noInputs, output, wrongCount } from '../common.js';
 import { globalNumber } from '../params.js';
-import { dot, l2Norm, rectifyEmbedShapes } from '../tensor-ops.js';
-import type { MergeContext, MergeMethod, MergeOutput, ResolvedParams, ValidateContext } from '../types.js';
+import { slerpWasm } from '../blocks-wasm.js';
+import { CHUNK_VALUES } from '../chunked.js';
+import { dot, l2Norm, rectifyEmbedShapes, sameShape } from '../tensor-ops.js';
+import type { ChunkedInput, ChunkWriter, MergeContext, MergeMethod, MergeOutput, ResolvedParams, ValidateContext } from '../types.js';
 
 /** Above this |cos θ| the inputs count as colinear and are lerped. */
 export const SLERP_DOT_THRESHOLD = 0.9995;
@@ -14,25 +16,70 @@ const NORM_EPS = 1e-8;
 
 /** Slerp of two flat vectors; `v0` at t = 0. */
 export function slerpVectors(t: number, v0: Float32Array, v1: Float32Array): Float32Array {
-  const n0 = l2Norm(v0);
-  const n1 = l2Norm(v1);
-  const s0n = n0 > NORM_EPS ? 1 / n0 : 1;
-  const s1n = n1 > NORM_EPS ? 1 / n1 : 1;
-  const d = dot(v0, v1) * s0n * s1n;
+  const { a, b } = slerpFactors(t, l2Norm(v0), l2Norm(v1), dot(v0, v1));
   const out = new Float32Array(v0.length);
-  let a: number;
-  let b: number;
-  if (Math.abs(d) > SLERP_DOT_THRESHOLD) {
-    a = 1 - t;
-    b = t;
-  } else {
-    const theta = Math.acos(d);
-    const sinTheta = Math.sin(theta);
-    a = Math.sin(theta - theta * t) / sinTheta;
-    b = Math.sin(theta * t) / sinTheta;
-  }
   for (let i = 0; i < out.length; i++) out[i] = a * v0[i] + b * v1[i];
   return out;
+}
+
+/** The factors a, b of out = a·v0 + b·v1, from the norms of v0 and v1 and their dot product. */
+function slerpFactors(t: number, n0: number, n1: number, dot01: number): { a: number; b: number } {
+  const s0n = n0 > NORM_EPS ? 1 / n0 : 1;
+  const s1n = n1 > NORM_EPS ? 1 / n1 : 1;
+  const d = dot01 * s0n * s1n;
+  if (Math.abs(d) > SLERP_DOT_THRESHOLD) return { a: 1 - t, b: t };
+  const theta = Math.acos(d);
+  const sinTheta = Math.sin(theta);
+  return { a: Math.sin(theta - theta * t) / sinTheta, b: Math.sin(theta * t) / sinTheta };
+}
+
+/**
+ * `slerpVectors` from stored values block by block: one pass for the sums of squares and the dot
+ * product (each summed in index order, as `l2Norm` and `dot`), one for the result.
+ */
+function slerpChunked(t: number, v0: ChunkedInput, v1: ChunkedInput, out: ChunkWriter): void {
+  const n = out.length;
+  const B = Math.min(CHUNK_VALUES, n);
+  const x0 = new Float32Array(B);
+  const x1 = new Float32Array(B);
+  const res = new Float32Array(B);
+  const lerp = (from: number, count: number, a: number, b: number): void => {
+    for (let start = from; start < from + count; start += B) {
+      const len = Math.min(B, from + count - start);
+      v0.read(start, x0.subarray(0, len));
+      v1.read(start, x1.subarray(0, len));
+      for (let j = 0; j < len; j++) res[j] = a * x0[j]! + b * x1[j]!;
+      out.write(start, res.subarray(0, len));
+    }
+  };
+  const factors = (n0sq: number, n1sq: number, dot01: number) => slerpFactors(t, Math.sqrt(n0sq), Math.sqrt(n1sq), dot01);
+  if (slerpWasm(v0.stored, v1.stored, out.stored, factors, lerp)) return;
+  const sums = new Float64Array(3);
+  for (let start = 0; start < n; start += B) {
+    const len = Math.min(B, n - start);
+    v0.read(start, x0.subarray(0, len));
+    v1.read(start, x1.subarray(0, len));
+    sumsOf(x0, x1, len, sums);
+  }
+  const { a, b } = factors(sums[0]!, sums[1]!, sums[2]!);
+  lerp(0, n, a, b);
+}
+
+/** Adds Σx0², Σx1² and Σx0·x1 over the block to `sums`, in index order. */
+function sumsOf(x0: Float32Array, x1: Float32Array, len: number, sums: Float64Array): void {
+  let s0 = sums[0]!;
+  let s1 = sums[1]!;
+  let s01 = sums[2]!;
+  for (let j = 0; j < len; j++) {
+    const a = x0[j]!;
+    const b = x1[j]!;
+    s0 += a * a;
+    s1 += b * b;
+    s01 += a * b;
+  }
+  sums[0] = s0;
+  sums[1] = s1;
+  sums[2] = s01;
 }
 
 export const slerp: MergeMethod = {
@@ -71,5 +118,16 @@ export const slerp: MergeMethod = {
     const [v0, v1] = rectifyEmbedShapes(ordered, ctx.tensorName, ctx.isEmbed, 'slerp', ctx.warn);
     const t = globalNumber(ctx, 't');
     return output(slerpVectors(t, v0.data, v1.data), v0.shape);
+  },
+
+  mergeChunked(ctx: Omit<MergeContext, 'inputs'>, inputs: readonly ChunkedInput[], out: ChunkWriter): boolean {
+    // Two inputs of one shape, one of them the base; everything else goes through `merge`.
+    if (inputs.length !== 2) return false;
+    const baseIdx = inputs.findIndex((x) => x.model === ctx.base);
+    if (baseIdx < 0) return false;
+    const [v0, v1] = [inputs[baseIdx]!, inputs[1 - baseIdx]!];
+    if (v0.length !== out.length || v1.length !== out.length || !sameShape(v0.shape, v1.shape)) return false;
+    slerpChunked(globalNumber({ ...ctx, inputs: [] }, 't'), v0, v1, out);
+    return true;
   },
 };

@@ -1,0 +1,134 @@
+// Block kernels of the merges that work from stored values block by block (src/merge/chunked.ts):
+// linear and slerp. All pointers are byte addresses in linear memory. Inputs are BF16 (u16 bits)
+// or F32 values, `stride` bytes apart per input; the output is BF16 or F32. Blocks are padded by
+// the caller to a multiple of 4 values.
+//
+// The arithmetic is the TypeScript methods', value for value: float64 products and sums in model
+// order from +0, one rounding to float32 (as a Float32Array store), then BF16 rounding to nearest
+// even. A NaN result is not written with certainty of the same bits, so the kernels return 1 when
+// any result is NaN and the caller redoes that block in TypeScript.
+
+// @ts-ignore: decorator
+@inline const ABS: i32 = 0x7fffffff;
+
+// @ts-ignore: decorator
+@inline function load4(p: usize, i: i32, bf16: bool): v128 {
+  if (bf16) return i32x4.shl(v128.load16x4_u(p + (<usize>i << 1)), 16);
+  return v128.load(p + (<usize>i << 2));
+}
+
+/** Stores four float32 results as BF16 or F32; returns a lane mask of NaN results. */
+// @ts-ignore: decorator
+@inline function store4(pout: usize, i: i32, o: v128, outBf16: bool): v128 {
+  const isNan = i32x4.gt_u(v128.and(o, i32x4.splat(ABS)), i32x4.splat(0x7f800000));
+  if (outBf16) {
+    const rounded = i32x4.shr_u(i32x4.add(i32x4.add(o, i32x4.splat(0x7fff)), v128.and(i32x4.shr_u(o, 16), i32x4.splat(1))), 16);
+    v128.store64_lane(pout + (<usize>i << 1), i16x8.narrow_i32x4_u(rounded, rounded), 0);
+  } else {
+    v128.store(pout + (<usize>i << 2), o);
+  }
+  return isNan;
+}
+
+/** Four float64 values (two pairs) rounded to float32, as one f32x4. */
+// @ts-ignore: decorator
+@inline function demote4(lo: v128, hi: v128): v128 {
+  return i32x4.shuffle(f32x4.demote_f64x2_zero(lo), f32x4.demote_f64x2_zero(hi), 0, 1, 4, 5);
+}
+
+// @ts-ignore: decorator
+@inline function linearImpl(pin: usize, stride: usize, m: i32, n: i32, pw: usize, divisor: f64, pout: usize, bf16: bool, outBf16: bool): i32 {
+  const zero = f64x2.splat(0.0);
+  const div = f64x2.splat(divisor);
+  const scale = divisor != 1.0;
+  let nan = i32x4.splat(0);
+  for (let i = 0; i < n; i += 4) {
+    let lo = zero;
+    let hi = zero;
+    let px = pin;
+    for (let k = 0; k < m; k++) {
+      const x = load4(px, i, bf16);
+      const w = v128.load64_splat(pw + (<usize>k << 3));
+      lo = f64x2.add(lo, f64x2.mul(w, f64x2.promote_low_f32x4(x)));
+      hi = f64x2.add(hi, f64x2.mul(w, f64x2.promote_low_f32x4(i32x4.shuffle(x, x, 2, 3, 2, 3))));
+      px += stride;
+    }
+    if (scale) {
+      lo = f64x2.div(lo, div);
+      hi = f64x2.div(hi, div);
+    }
+    nan = v128.or(nan, store4(pout, i, demote4(lo, hi), outBf16));
+  }
+  return v128.any_true(nan) ? 1 : 0;
+}
+
+/**
+ * Σₖ wₖ·xₖ / divisor for `n` values of `m` inputs (the float64 weights at `pw`). flags: 1 BF16
+ * inputs (else F32), 2 BF16 output (else F32). Returns 1 if a result is NaN.
+ */
+export function linearBlock(pin: usize, stride: usize, m: i32, n: i32, pw: usize, divisor: f64, flags: i32, pout: usize): i32 {
+  const bf16 = (flags & 1) != 0;
+  const outBf16 = (flags & 2) != 0;
+  if (bf16) {
+    if (outBf16) return linearImpl(pin, stride, m, n, pw, divisor, pout, true, true);
+    return linearImpl(pin, stride, m, n, pw, divisor, pout, true, false);
+  }
+  if (outBf16) return linearImpl(pin, stride, m, n, pw, divisor, pout, false, true);
+  return linearImpl(pin, stride, m, n, pw, divisor, pout, false, false);
+}
+
+// @ts-ignore: decorator
+@inline function lerpImpl(p0: usize, p1: usize, n: i32, a: f64, b: f64, pout: usize, bf16: bool, outBf16: bool): i32 {
+  const va = f64x2.splat(a);
+  const vb = f64x2.splat(b);
+  let nan = i32x4.splat(0);
+  for (let i = 0; i < n; i += 4) {
+    const x0 = load4(p0, i, bf16);
+    const x1 = load4(p1, i, bf16);
+    const lo = f64x2.add(f64x2.mul(va, f64x2.promote_low_f32x4(x0)), f64x2.mul(vb, f64x2.promote_low_f32x4(x1)));
+    const hi = f64x2.add(
+      f64x2.mul(va, f64x2.promote_low_f32x4(i32x4.shuffle(x0, x0, 2, 3, 2, 3))),
+      f64x2.mul(vb, f64x2.promote_low_f32x4(i32x4.shuffle(x1, x1, 2, 3, 2, 3))),
+    );
+    nan = v128.or(nan, store4(pout, i, demote4(lo, hi), outBf16));
+  }
+  return v128.any_true(nan) ? 1 : 0;
+}
+
+/** a·x0 + b·x1 for `n` values (slerp's second pass); flags as `linearBlock`. Returns 1 if a result is NaN. */
+export function lerpBlock(p0: usize, p1: usize, n: i32, a: f64, b: f64, flags: i32, pout: usize): i32 {
+  const bf16 = (flags & 1) != 0;
+  const outBf16 = (flags & 2) != 0;
+  if (bf16) {
+    if (outBf16) return lerpImpl(p0, p1, n, a, b, pout, true, true);
+    return lerpImpl(p0, p1, n, a, b, pout, true, false);
+  }
+  if (outBf16) return lerpImpl(p0, p1, n, a, b, pout, false, true);
+  return lerpImpl(p0, p1, n, a, b, pout, false, false);
+}
+
+// @ts-ignore: decorator
+@inline function sumsImpl(p0: usize, p1: usize, n: i32, psums: usize, bf16: bool): void {
+  let s0 = load<f64>(psums);
+  let s1 = load<f64>(psums, 8);
+  let s01 = load<f64>(psums, 16);
+  for (let i = 0; i < n; i++) {
+    const a = <f64>(bf16 ? reinterpret<f32>(<i32>load<u16>(p0 + (<usize>i << 1)) << 16) : load<f32>(p0 + (<usize>i << 2)));
+    const b = <f64>(bf16 ? reinterpret<f32>(<i32>load<u16>(p1 + (<usize>i << 1)) << 16) : load<f32>(p1 + (<usize>i << 2)));
+    s0 += a * a;
+    s1 += b * b;
+    s01 += a * b;
+  }
+  store<f64>(psums, s0);
+  store<f64>(psums, s1, 8);
+  store<f64>(psums, s01, 16);
+}
+
+/**
+ * Adds Σx0², Σx1² and Σx0·x1 over `n` values to the three float64 sums at `psums`, each summed in
+ * index order (slerp's first pass). flags: 1 BF16 inputs.
+ */
+export function sumsBlock(p0: usize, p1: usize, n: i32, psums: usize, flags: i32): void {
+  if ((flags & 1) != 0) sumsImpl(p0, p1, n, psums, true);
+  else sumsImpl(p0, p1, n, psums, false);
+}

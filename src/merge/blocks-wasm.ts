@@ -1,0 +1,176 @@
+/**
+ * WebAssembly SIMD block kernels of the chunked merges (assembly/blocks.ts, built into
+ * block-kernels.wasm by `npm run build:wasm`): linear's weighted sum and slerp's two passes over
+ * BF16 or F32 values. Each block of the stored inputs is copied into this thread's kernel memory,
+ * computed there and copied out in the output dtype. The kernels do the float64 arithmetic of
+ * the TypeScript methods value for value; a block with a NaN result is redone in TypeScript, so
+ * the bytes are the same as without them.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { wasmSimdSupported } from '../backend/wasm/module.js';
+import { type WasmMemory, wasm } from '../backend/wasm/wasm-api.js';
+import type { ChunkedInput, StoredArray } from './types.js';
+
+type Stored = NonNullable<ChunkedInput['stored']>;
+
+interface BlockExports {
+  linearBlock(pin: number, stride: number, m: number, n: number, pw: number, divisor: number, flags: number, pout: number): number;
+  lerpBlock(p0: number, p1: number, n: number, a: number, b: number, flags: number, pout: number): number;
+  sumsBlock(p0: number, p1: number, n: number, psums: number, flags: number): void;
+}
+
+interface BlockState {
+  memory: WasmMemory;
+  exports: BlockExports;
+}
+
+const WASM_FILE = 'block-kernels.wasm';
+/** Values per block (a multiple of 4). */
+export const WASM_BLOCK = 16384;
+const PAGE = 65536;
+/** Start of the data: below it the module's stack and statics. */
+const BASE = PAGE;
+
+let state: BlockState | null | undefined;
+let enabled = true;
+
+/** Turns the block kernels off (or back on) in this thread; for tests comparing the two paths. */
+export function useBlockKernels(on: boolean): void {
+  enabled = on;
+}
+
+function wasmPath(): string | undefined {
+  return [new URL(`./${WASM_FILE}`, import.meta.url), new URL(`../../dist/merge/${WASM_FILE}`, import.meta.url)]
+    .map((u) => fileURLToPath(u))
+    .find((p) => existsSync(p));
+}
+
+function blockWasm(): BlockState | null {
+  if (!enabled) return null;
+  if (state !== undefined) return state;
+  state = null;
+  try {
+    const path = wasmPath();
+    if (path && wasmSimdSupported()) {
+      const memory = new wasm.Memory({ initial: 4, maximum: 65536, shared: true });
+      const instance = new wasm.Instance(new wasm.Module(readFileSync(path)), { env: { memory } });
+      state = { memory, exports: instance.exports as unknown as BlockExports };
+    }
+  } catch {
+    state = null;
+  }
+  return state;
+}
+
+/** The memory, grown to `bytes`, or null. */
+function memoryFor(s: BlockState, bytes: number): ArrayBuffer | null {
+  const have = s.memory.buffer.byteLength;
+  try {
+    if (bytes > have) s.memory.grow(Math.ceil((bytes - have) / PAGE));
+  } catch {
+    return null;
+  }
+  return s.memory.buffer as unknown as ArrayBuffer;
+}
+
+/** One dtype the kernels read (BF16 or F32) shared by every input, and an output they write. */
+function dtypesFit(inputs: readonly (Stored | undefined)[], out: StoredArray): inputs is readonly Stored[] {
+  const d = inputs[0]?.dtype;
+  return (d === 'BF16' || d === 'F32') && (out.dtype === 'BF16' || out.dtype === 'F32') && inputs.every((x) => x !== undefined && x.dtype === d);
+}
+
+function flagsOf(inDtype: string, out: StoredArray): number {
+  return (inDtype === 'BF16' ? 1 : 0) | (out.dtype === 'BF16' ? 2 : 0);
+}
+
+/** Copies values [start, start + len) of `x` to byte `at` of the memory, padded with zeros to a multiple of 4. */
+function copyIn(mem: ArrayBuffer, at: number, x: Stored, start: number, len: number): void {
+  const padded = (len + 3) & ~3;
+  const v = x.view(start, len);
+  const dst = v.dtype === 'F32' ? new Float32Array(mem, at, padded) : new Uint16Array(mem, at, padded);
+  dst.set(v.data);
+  dst.fill(0, len);
+}
+
+/** Copies `len` results from byte `at` of the memory to values [start, start + len) of `out`. */
+function copyOut(mem: ArrayBuffer, at: number, out: StoredArray, start: number, len: number): void {
+  if (out.dtype === 'F32') out.data.set(new Float32Array(mem, at, len), start);
+  else out.data.set(new Uint16Array(mem, at, len), start);
+}
+
+/**
+ * Σₖ wₖ·xₖ / divisor of the stored inputs into `out`, block by block; blocks with a NaN result go
+ * to `jsBlock(start, len)`. False, having done nothing, where the kernels are not available or
+ * the dtypes do not suit them.
+ */
+export function linearWasm(
+  inputs: readonly (Stored | undefined)[],
+  weights: readonly number[],
+  divisor: number,
+  out: StoredArray,
+  jsBlock: (start: number, len: number) => void,
+): boolean {
+  const s = blockWasm();
+  if (!s || inputs.length === 0 || !dtypesFit(inputs, out)) return false;
+  const m = inputs.length;
+  const stride = WASM_BLOCK * 4;
+  const pw = BASE;
+  const pin = BASE + Math.ceil((8 * m) / 16) * 16;
+  const pout = pin + m * stride;
+  const mem = memoryFor(s, pout + stride);
+  if (!mem) return false;
+  new Float64Array(mem, pw, m).set(weights);
+  const flags = flagsOf(inputs[0]!.dtype, out);
+  const n = out.data.length;
+  for (let start = 0; start < n; start += WASM_BLOCK) {
+    const len = Math.min(WASM_BLOCK, n - start);
+    for (let k = 0; k < m; k++) copyIn(mem, pin + k * stride, inputs[k]!, start, len);
+    if (s.exports.linearBlock(pin, stride, m, (len + 3) & ~3, pw, divisor, flags, pout)) jsBlock(start, len);
+    else copyOut(mem, pout, out, start, len);
+  }
+  return true;
+}
+
+/**
+ * Slerp's passes over two stored inputs: `sums` receives Σx0², Σx1² and Σx0·x1 (each in index
+ * order), then `factors` gives a and b, and out = a·x0 + b·x1; blocks with a NaN result go to
+ * `jsBlock`. False, having done nothing, where the kernels do not apply.
+ */
+export function slerpWasm(
+  x0: Stored | undefined,
+  x1: Stored | undefined,
+  out: StoredArray,
+  factors: (n0sq: number, n1sq: number, dot01: number) => { a: number; b: number },
+  jsBlock: (start: number, len: number, a: number, b: number) => void,
+): boolean {
+  const s = blockWasm();
+  const inputs = [x0, x1];
+  if (!s || !dtypesFit(inputs, out)) return false;
+  const stride = WASM_BLOCK * 4;
+  const psums = BASE;
+  const p0 = BASE + 32;
+  const p1 = p0 + stride;
+  const pout = p1 + stride;
+  const mem = memoryFor(s, pout + stride);
+  if (!mem) return false;
+  const flags = flagsOf(inputs[0]!.dtype, out);
+  const n = out.data.length;
+  const sums = new Float64Array(mem, psums, 3);
+  sums.fill(0);
+  for (let start = 0; start < n; start += WASM_BLOCK) {
+    const len = Math.min(WASM_BLOCK, n - start);
+    copyIn(mem, p0, inputs[0]!, start, len);
+    copyIn(mem, p1, inputs[1]!, start, len);
+    s.exports.sumsBlock(p0, p1, len, psums, flags);
+  }
+  const { a, b } = factors(sums[0]!, sums[1]!, sums[2]!);
+  for (let start = 0; start < n; start += WASM_BLOCK) {
+    const len = Math.min(WASM_BLOCK, n - start);
+    copyIn(mem, p0, inputs[0]!, start, len);
+    copyIn(mem, p1, inputs[1]!, start, len);
+    if (s.exports.lerpBlock(p0, p1, (len + 3) & ~3, a, b, flags, pout)) jsBlock(start, len, a, b);
+    else copyOut(mem, pout, out, start, len);
+  }
+  return true;
+}
