@@ -21,8 +21,12 @@ after(() => rm(root, { recursive: true, force: true }));
 type Stored = 'F32' | 'BF16' | 'F16';
 
 interface Case {
-  method: 'linear' | 'slerp';
+  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp';
   n: number;
+  /** Default [n]. */
+  shape?: number[];
+  /** The base model's name (default: m0 for slerp, nearswap and model_stock, none otherwise). */
+  base?: string | null;
   models: number;
   dtype: Stored;
   outDtype: Stored;
@@ -69,12 +73,12 @@ function task(c: Case, inputs: ComputeInput[]): ComputeTask {
     method: c.method,
     isEmbed: false,
     isOptional: false,
-    base: c.method === 'slerp' ? 'm0' : null,
+    base: c.base !== undefined ? c.base : c.method === 'linear' || c.method === 'nuslerp' ? null : 'm0',
     params: c.params as ComputeTask['params'],
     inputs,
     computeDtype: c.computeDtype,
     outDtype: c.outDtype,
-    outShape: [c.n],
+    outShape: c.shape ?? [c.n],
     seed: null,
   };
 }
@@ -86,14 +90,15 @@ function check(c: Case, seed: number): void {
   const stored = inputsOf(c, seed);
   const names = stored.map((_, k) => `m${k}`);
   // The plain path: float32 arrays decoded exactly from the stored values.
-  const plain = computeTensor(task(c, stored.map((b, k) => ({ model: names[k]!, shape: [c.n], data: decode(b, c.dtype), dtype: c.dtype }))));
+  const plain = computeTensor(task(c, stored.map((b, k) => ({ model: names[k]!, shape: c.shape ?? [c.n], data: decode(b, c.dtype), dtype: c.dtype }))));
   const want = bytesOf(plain);
   // Stored bytes in memory.
   for (const wasmOn of [true, false]) {
     useBlockKernels(wasmOn);
     try {
-      const raw = computeTensor(task(c, stored.map((b, k) => ({ model: names[k]!, shape: [c.n], raw: b.slice(), dtype: c.dtype }))));
+      const raw = computeTensor(task(c, stored.map((b, k) => ({ model: names[k]!, shape: c.shape ?? [c.n], raw: b.slice(), dtype: c.dtype }))));
       assert.ok(want.equals(bytesOf(raw)), `in memory, block kernels ${wasmOn ? 'on' : 'off'}`);
+      assert.deepEqual(raw.warnings, plain.warnings);
       // The same bytes in a file, each input at an odd offset.
       const path = join(root, `inputs-${fileNo++}.bin`);
       const fd = openSync(path, 'w');
@@ -102,13 +107,14 @@ function check(c: Case, seed: number): void {
       const files: ComputeInput[] = [];
       stored.forEach((b, k) => {
         writeSync(fd, b, 0, b.length, pos);
-        files.push({ model: names[k]!, shape: [c.n], file: { path, offset: pos }, dtype: c.dtype });
+        files.push({ model: names[k]!, shape: c.shape ?? [c.n], file: { path, offset: pos }, dtype: c.dtype });
         pos += b.length + 5 * size;
       });
       writeSync(fd, new Uint8Array(7), 0, 7, pos);
       closeSync(fd);
       const fromFile = computeTensor(task(c, files));
       assert.ok(want.equals(bytesOf(fromFile)), `from a file, block kernels ${wasmOn ? 'on' : 'off'}`);
+      assert.deepEqual(fromFile.warnings, plain.warnings);
     } finally {
       useBlockKernels(true);
     }
@@ -138,6 +144,32 @@ const cases: Case[] = [
   { method: 'slerp', n: (1 << 18) + 77, models: 2, dtype: 'BF16', outDtype: 'BF16', computeDtype: 'BF16', specials: false, params: slerpParams(0.5) },
 ];
 
+const nearswapParams = (t: number) => ({ global: { t }, perModel: { m0: {}, m1: {} } });
+const stockParams = (models: number, filterWise: boolean) => ({
+  global: { filter_wise: filterWise },
+  perModel: Object.fromEntries(Array.from({ length: models }, (_, k) => [`m${k}`, {}])),
+});
+const nuslerpParams = (models: number, flatten: boolean, rowWise: boolean) => ({
+  global: { nuslerp_flatten: flatten, nuslerp_row_wise: rowWise },
+  perModel: Object.fromEntries(Array.from({ length: models }, (_, k) => [`m${k}`, { weight: [1, 1, 0.4, 1.7][k % 4] }])),
+});
+
+cases.push(
+  { method: 'nearswap', n: 4099, models: 2, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: true, params: nearswapParams(0.01) },
+  { method: 'nearswap', n: 70_001, models: 2, dtype: 'F32', outDtype: 'BF16', computeDtype: 'BF16', specials: false, params: nearswapParams(0.0001) },
+  { method: 'model_stock', n: 70_001, models: 4, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: stockParams(4, false) },
+  { method: 'model_stock', n: 30_000, shape: [30, 1000], models: 3, dtype: 'BF16', outDtype: 'F32', computeDtype: 'BF16', specials: false, params: stockParams(3, true) },
+  { method: 'model_stock', n: 3 * 5000, shape: [3, 5000], models: 3, dtype: 'F16', outDtype: 'F16', computeDtype: null, specials: true, params: stockParams(3, true) },
+  // Fine-tunes equal to the base: zero task vectors.
+  { method: 'model_stock', n: 9_000, models: 3, dtype: 'F32', outDtype: 'F32', computeDtype: null, specials: false, params: stockParams(3, false), noise: 0 },
+  { method: 'nuslerp', n: 70_001, models: 2, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: nuslerpParams(2, true, false) },
+  { method: 'nuslerp', n: 70_001, models: 3, base: 'm2', dtype: 'BF16', outDtype: 'BF16', computeDtype: 'BF16', specials: false, params: nuslerpParams(3, true, false) },
+  { method: 'nuslerp', n: 40 * 300, shape: [40, 300], models: 3, base: 'm0', dtype: 'F32', outDtype: 'BF16', computeDtype: null, specials: true, params: nuslerpParams(3, false, false) },
+  { method: 'nuslerp', n: 4 * 6000, shape: [4, 6000], models: 2, dtype: 'BF16', outDtype: 'F32', computeDtype: null, specials: false, params: nuslerpParams(2, false, false) },
+  // Row-wise vectors are strided: the chunked path declines and the plain one merges.
+  { method: 'nuslerp', n: 40 * 300, shape: [40, 300], models: 2, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: nuslerpParams(2, false, true) },
+);
+
 cases.forEach((c, k) => {
   test(`${c.method} chunked equals the plain path: ${c.dtype} → ${c.outDtype}, dtype ${c.computeDtype ?? 'none'}, n=${c.n}, ${c.models} models${c.specials ? ', NaN/Inf/−0' : ''}`, () => {
     check(c, 100 + k);
@@ -154,4 +186,25 @@ test('the chunked path really runs, and its result differs where a weight differ
   const b = bytesOf(computeTensor(task(other, stored.map((x, k) => ({ model: `m${k}`, shape: [c.n], raw: x.slice(), dtype: c.dtype })))));
   assert.equal(a.length, 2 * c.n);
   assert.ok(!a.equals(b));
+});
+
+test('model_stock chunked: a zero denominator gives the base and the same single warning', () => {
+  // Three task vectors 120° apart: mean cosine −1/2, so 1 + (N − 1)·cos is (about) zero.
+  const n = 10_000;
+  const dirs = [
+    [1, 0],
+    [-0.5, Math.sqrt(3) / 2],
+    [-0.5, -Math.sqrt(3) / 2],
+  ];
+  const base = new Float32Array(n).fill(0.25);
+  const models = dirs.map(([x, y]) => Float32Array.from({ length: n }, (_, i) => 0.25 + (i % 2 === 0 ? x! : y!)));
+  const c: Case = { method: 'model_stock', n, models: 4, dtype: 'F32', outDtype: 'F32', computeDtype: null, specials: false, params: stockParams(4, false) };
+  const all = [base, ...models];
+  const plain = computeTensor(task(c, all.map((a, k) => ({ model: `m${k}`, shape: [n], data: a.slice(), dtype: 'F32' as const }))));
+  const chunked = computeTensor(task(c, all.map((a, k) => ({ model: `m${k}`, shape: [n], raw: new Uint8Array(a.slice().buffer), dtype: 'F32' as const }))));
+  assert.equal(plain.warnings.length, 1);
+  assert.match(plain.warnings[0]!, /zero denominator/);
+  assert.deepEqual(chunked.warnings, plain.warnings);
+  assert.ok(bytesOf(plain).equals(bytesOf(chunked)));
+  assert.equal(new Float32Array(chunked.bytes.slice().buffer)[5], 0.25);
 });

@@ -18,8 +18,8 @@ import type { ChunkedInput, ChunkWriter, StoredArray } from './types.js';
 
 /** Values per block of the chunked merges. */
 export const CHUNK_VALUES = 4096;
-/** Values per read of a file-backed input (a multiple of every block size used). */
-const WINDOW_VALUES = 1 << 18;
+/** Values per read of a file-backed input. */
+export const WINDOW_VALUES = 1 << 18;
 
 /** Rounds float32 values in place to BF16 or F16 precision (as `roundInPlace` in worker.ts). */
 function roundBlock(data: Float32Array, dtype: 'BF16' | 'F16', bits: Uint16Array): void {
@@ -63,8 +63,8 @@ export function chunkedInput(model: string, shape: readonly number[], values: Me
 
 /**
  * An input read from an open file (`length` values of `dtype` from byte `offset`), a window of
- * values at a time into one reused buffer. Ranges asked for must lie within one window: blocks
- * of at most CHUNK_VALUES (or a divisor of WINDOW_VALUES) from multiples of their size.
+ * values at a time into one reused buffer: a range outside the current window starts a new one
+ * at its start. Ranges are at most WINDOW_VALUES long, and cheapest in increasing order.
  */
 export function chunkedFileInput(
   model: string,
@@ -81,7 +81,7 @@ export function chunkedFileInput(
   let from = -1;
   let count = 0;
   const load = (start: number): void => {
-    from = start - (start % windowValues);
+    from = start;
     count = Math.min(windowValues, file.length - from);
     const want = count * size;
     let done = 0;
@@ -93,7 +93,7 @@ export function chunkedFileInput(
   };
   const view = (start: number, len: number): StoredArray => {
     if (from < 0 || start < from || start + len > from + count) load(start);
-    if (start + len > from + count) throw new RangeError('chunked input: a range crosses a window');
+    if (start + len > from + count) throw new RangeError(`chunked input: values [${start}, ${start + len}) are past the end or longer than a window`);
     const a = start - from;
     return file.dtype === 'F32' ? { dtype: 'F32', data: f32.subarray(a, a + len) } : { dtype: file.dtype, data: u16.subarray(a, a + len) };
   };
@@ -108,4 +108,19 @@ export function chunkWriter(out: MemoryValues): ChunkWriter {
     else f32ToF16(src, out.data.subarray(start, start + src.length));
   };
   return { length: out.data.length, write, stored: out };
+}
+
+/**
+ * The base among chunked inputs (by model name) and the others, in order; undefined where the
+ * merge names no base or no input is the base (the method's `merge` then gives its error).
+ */
+export function splitChunked(base: string | null, inputs: readonly ChunkedInput[]): { base: ChunkedInput; others: ChunkedInput[] } | undefined {
+  const b = base === null ? undefined : inputs.find((x) => x.model === base);
+  return b ? { base: b, others: inputs.filter((x) => x !== b) } : undefined;
+}
+
+/** Whether every input has `n` values and one shape (the merge of one tensor, nothing to cut). */
+export function sameLayout(inputs: readonly ChunkedInput[], n: number): boolean {
+  const shape = inputs[0]?.shape;
+  return inputs.every((x) => x.length === n && shape !== undefined && x.shape.length === shape.length && x.shape.every((d, k) => d === shape[k]));
 }

@@ -5,8 +5,9 @@
 import { AmalgamError } from '../../errors.js';
 import { copyOf, output, splitBase } from '../common.js';
 import { globalNumber } from '../params.js';
+import { CHUNK_VALUES, sameLayout, splitChunked } from '../chunked.js';
 import { requireSameShape } from '../tensor-ops.js';
-import type { MergeContext, MergeMethod, MergeOutput, ResolvedParams, ValidateContext } from '../types.js';
+import type { ChunkedInput, ChunkWriter, MergeContext, MergeMethod, MergeOutput, ResolvedParams, ValidateContext } from '../types.js';
 
 export const nearswap: MergeMethod = {
   name: 'nearswap',
@@ -42,12 +43,35 @@ export const nearswap: MergeMethod = {
     const x = others[0];
     requireSameShape([base!, x], ctx.tensorName, 'nearswap');
     const t = globalNumber(ctx, 't');
-    const a = base!.data;
-    const out = new Float32Array(a.length);
-    for (let i = 0; i < a.length; i++) {
-      const w = Math.min(1, Math.max(0, t / Math.max(Math.abs(a[i] - x.data[i]), 1e-6)));
-      out[i] = w * x.data[i] + (1 - w) * a[i];
-    }
+    const out = new Float32Array(base!.data.length);
+    nearswapBlock(t, base!.data, x.data, out, out.length);
     return output(out, base!.shape);
   },
+
+  mergeChunked(ctx: Omit<MergeContext, 'inputs'>, inputs: readonly ChunkedInput[], out: ChunkWriter): boolean {
+    const split = splitChunked(ctx.base, inputs);
+    if (!split || split.others.length !== 1 || !sameLayout(inputs, out.length)) return false;
+    const t = globalNumber({ ...ctx, inputs: [] }, 't');
+    const n = out.length;
+    const B = Math.min(CHUNK_VALUES, n);
+    const a = new Float32Array(B);
+    const x = new Float32Array(B);
+    const res = new Float32Array(B);
+    for (let start = 0; start < n; start += B) {
+      const len = Math.min(B, n - start);
+      split.base.read(start, a.subarray(0, len));
+      split.others[0]!.read(start, x.subarray(0, len));
+      nearswapBlock(t, a, x, res, len);
+      out.write(start, res.subarray(0, len));
+    }
+    return true;
+  },
 };
+
+/** The first `len` values of the result from the base's (`a`) and the other model's (`x`). */
+function nearswapBlock(t: number, a: Float32Array, x: Float32Array, out: Float32Array, len: number): void {
+  for (let i = 0; i < len; i++) {
+    const w = Math.min(1, Math.max(0, t / Math.max(Math.abs(a[i]! - x[i]!), 1e-6)));
+    out[i] = w * x[i]! + (1 - w) * a[i]!;
+  }
+}

@@ -5,8 +5,9 @@
 import { AmalgamError } from '../../errors.js';
 import { copyOf, noInputs, output, splitBase } from '../common.js';
 import { globalBool, modelNumber } from '../params.js';
+import { CHUNK_VALUES, sameLayout, splitChunked } from '../chunked.js';
 import { rectifyEmbedShapes } from '../tensor-ops.js';
-import type { MergeContext, MergeMethod, MergeOutput, ResolvedParams, ValidateContext } from '../types.js';
+import type { ChunkedInput, ChunkWriter, MergeContext, MergeMethod, MergeOutput, ResolvedParams, ValidateContext } from '../types.js';
 
 const NORM_CLAMP = 1e-7;
 const SIN_EPS = 1e-8;
@@ -138,4 +139,131 @@ export const nuslerp: MergeMethod = {
     for (let i = 0; i < res.length; i++) out[i] = baseData ? baseData[i] + res[i] : res[i];
     return output(out, shape);
   },
+
+  mergeChunked(ctx: Omit<MergeContext, 'inputs'>, inputs: readonly ChunkedInput[], out: ChunkWriter): boolean {
+    let base: ChunkedInput | undefined;
+    let others: readonly ChunkedInput[] = inputs;
+    if (ctx.base !== null) {
+      const split = splitChunked(ctx.base, inputs);
+      if (!split) return false;
+      ({ base, others } = split);
+    }
+    if (others.length !== 2 || !sameLayout(inputs, out.length)) return false;
+    const c = { ...ctx, inputs: [] };
+    const w1 = modelNumber(c, others[0]!.model, 'weight');
+    const w2 = modelNumber(c, others[1]!.model, 'weight');
+    const t = Math.abs(w1 + w2) < 1e-6 ? 0.5 : w2 / (w1 + w2);
+    const flatten = globalBool(c, 'nuslerp_flatten');
+    const rowWise = globalBool(c, 'nuslerp_row_wise');
+    const shape = others[0]!.shape;
+    const n = out.length;
+    // Vectors of strided values (row-wise) go through `merge`.
+    if (!(flatten || shape.length <= 1 || n === 0) && rowWise) return false;
+    const vec = flatten || shape.length <= 1 ? n : shape[shape.length - 1]!;
+    if (vec === 0) return true;
+    new ChunkedNuslerp(t, others[0]!, others[1]!, base, out).run(n, vec);
+    return true;
+  },
 };
+
+/**
+ * nuslerp over blocks of stored values, vector by vector (the whole tensor, or each row), with
+ * `slerpStrided`'s arithmetic in the same order: task vectors rounded to float32 where there is a
+ * base, float64 sums in index order, a·v0 + b·v1 in float64, plus the base, rounded once.
+ */
+class ChunkedNuslerp {
+  private readonly x0 = new Float32Array(CHUNK_VALUES);
+  private readonly x1 = new Float32Array(CHUNK_VALUES);
+  private readonly xb = new Float32Array(CHUNK_VALUES);
+  private readonly res = new Float32Array(CHUNK_VALUES);
+  private n0 = 0;
+  private n1 = 0;
+  private d = 0;
+
+  constructor(
+    private readonly t: number,
+    private readonly v0: ChunkedInput,
+    private readonly v1: ChunkedInput,
+    private readonly base: ChunkedInput | undefined,
+    private readonly out: ChunkWriter,
+  ) {}
+
+  /** Values [start, start + len) of both task vectors (or models) into x0, x1 (and the base into xb). */
+  private load(start: number, len: number): void {
+    const { x0, x1, xb } = this;
+    this.v0.read(start, x0.subarray(0, len));
+    this.v1.read(start, x1.subarray(0, len));
+    if (this.base) {
+      this.base.read(start, xb.subarray(0, len));
+      for (let i = 0; i < len; i++) {
+        x0[i] = x0[i]! - xb[i]!;
+        x1[i] = x1[i]! - xb[i]!;
+      }
+    }
+  }
+
+  private accumulate(from: number, len: number): void {
+    const { x0, x1 } = this;
+    let n0 = this.n0;
+    let n1 = this.n1;
+    let d = this.d;
+    for (let i = from; i < from + len; i++) {
+      const a = x0[i]!;
+      const b = x1[i]!;
+      n0 += a * a;
+      n1 += b * b;
+      d += a * b;
+    }
+    this.n0 = n0;
+    this.n1 = n1;
+    this.d = d;
+  }
+
+  private factors(): { a: number; b: number } {
+    const cos = Math.min(1, Math.max(-1, this.d / (Math.max(Math.sqrt(this.n0), NORM_CLAMP) * Math.max(Math.sqrt(this.n1), NORM_CLAMP))));
+    const theta = Math.acos(cos);
+    const sinTheta = Math.sin(theta);
+    if (Math.abs(sinTheta) < SIN_EPS) return { a: 1 - this.t, b: this.t };
+    return { a: Math.sin((1 - this.t) * theta) / sinTheta, b: Math.sin(this.t * theta) / sinTheta };
+  }
+
+  private combine(from: number, len: number, a: number, b: number): void {
+    const { x0, x1, xb, res } = this;
+    if (this.base) for (let i = from; i < from + len; i++) res[i] = xb[i]! + (a * x0[i]! + b * x1[i]!);
+    else for (let i = from; i < from + len; i++) res[i] = a * x0[i]! + b * x1[i]!;
+  }
+
+  /** The result for `n` values in vectors of `vec` values each. */
+  run(n: number, vec: number): void {
+    const perBlock = Math.floor(CHUNK_VALUES / vec);
+    if (perBlock >= 1) {
+      for (let start = 0; start < n; start += perBlock * vec) {
+        const len = Math.min(perBlock * vec, n - start);
+        this.load(start, len);
+        for (let r = 0; r < len; r += vec) {
+          this.n0 = this.n1 = this.d = 0;
+          this.accumulate(r, vec);
+          const { a, b } = this.factors();
+          this.combine(r, vec, a, b);
+        }
+        this.out.write(start, this.res.subarray(0, len));
+      }
+      return;
+    }
+    for (let row = 0; row < n; row += vec) {
+      this.n0 = this.n1 = this.d = 0;
+      for (let start = row; start < row + vec; start += CHUNK_VALUES) {
+        const len = Math.min(CHUNK_VALUES, row + vec - start);
+        this.load(start, len);
+        this.accumulate(0, len);
+      }
+      const { a, b } = this.factors();
+      for (let start = row; start < row + vec; start += CHUNK_VALUES) {
+        const len = Math.min(CHUNK_VALUES, row + vec - start);
+        this.load(start, len);
+        this.combine(0, len, a, b);
+        this.out.write(start, this.res.subarray(0, len));
+      }
+    }
+  }
+}
