@@ -132,3 +132,77 @@ export function sumsBlock(p0: usize, p1: usize, n: i32, psums: usize, flags: i32
   if ((flags & 1) != 0) sumsImpl(p0, p1, n, psums, true);
   else sumsImpl(p0, p1, n, psums, false);
 }
+
+/**
+ * DARE keep-mask draws: xoshiro128** from the four u32 state words at `pstate` (updated), one
+ * draw per value; `pout[i]` = 1 where the draw is below `threshold` (a float64 in [0, 2³²], or NaN
+ * for none), else 0. The same stream and marks as `Rng.fillBernoulli` (src/tensor/rng.ts).
+ */
+export function bernoulliFill(pstate: usize, pout: usize, n: i32, threshold: f64): void {
+  let s0 = load<u32>(pstate);
+  let s1 = load<u32>(pstate, 4);
+  let s2 = load<u32>(pstate, 8);
+  let s3 = load<u32>(pstate, 12);
+  for (let i = 0; i < n; i++) {
+    const r = rotl<u32>(s1 * 5, 7) * 9;
+    const t = s1 << 9;
+    s2 ^= s0;
+    s3 ^= s1;
+    s1 ^= s2;
+    s0 ^= s3;
+    s2 ^= t;
+    s3 = rotl<u32>(s3, 11);
+    store<u8>(pout + <usize>i, <f64>r < threshold ? 1 : 0);
+  }
+  store<u32>(pstate, s0);
+  store<u32>(pstate, s1, 4);
+  store<u32>(pstate, s2, 8);
+  store<u32>(pstate, s3, 12);
+}
+
+// @ts-ignore: decorator
+@inline function value(p: usize, i: i32, bf16: bool): f32 {
+  return bf16 ? reinterpret<f32>(<i32>load<u16>(p + (<usize>i << 1)) << 16) : load<f32>(p + (<usize>i << 2));
+}
+
+/**
+ * DARE's L1 norms: adds ‖x − b‖₁ and ‖(x − b) ⊙ mask‖₁ over `n` values to the two float64 sums
+ * at `psums`, each in index order, with x − b rounded to float32 (as `maskedL1`). flags: 1 BF16.
+ */
+export function l1Masked(px: usize, pb: usize, pmask: usize, n: i32, psums: usize, flags: i32): void {
+  const bf16 = (flags & 1) != 0;
+  let before = load<f64>(psums);
+  let after = load<f64>(psums, 8);
+  for (let i = 0; i < n; i++) {
+    const d = <f64>Mathf.abs(value(px, i, bf16) - value(pb, i, bf16));
+    before += d;
+    after += d * <f64>load<u8>(pmask + <usize>i);
+  }
+  store<f64>(psums, before);
+  store<f64>(psums, after, 8);
+}
+
+/**
+ * DARE's masked task vector of `n` values (a multiple of 4) as float32 at `pout`: (x − b) ⊙ mask,
+ * times `scale` (float64, then rounded) with flag 4. flags: 1 BF16 inputs. Returns 1 if any
+ * x − b is NaN (the caller redoes the block).
+ */
+export function maskedDelta(px: usize, pb: usize, pmask: usize, n: i32, scale: f64, flags: i32, pout: usize): i32 {
+  const bf16 = (flags & 1) != 0;
+  const scaled = (flags & 4) != 0;
+  const vscale = f64x2.splat(scale);
+  let nan = i32x4.splat(0);
+  for (let i = 0; i < n; i += 4) {
+    const d = f32x4.sub(load4(px, i, bf16), load4(pb, i, bf16));
+    nan = v128.or(nan, f32x4.ne(d, d));
+    const m = f32x4.convert_i32x4_u(i32x4.extend_low_i16x8_u(i16x8.extend_low_i8x16_u(v128.load32_zero(pmask + <usize>i))));
+    let v = f32x4.mul(d, m);
+    if (scaled) {
+      const lo = f64x2.mul(f64x2.promote_low_f32x4(v), vscale);
+      const hi = f64x2.mul(f64x2.promote_low_f32x4(i32x4.shuffle(v, v, 2, 3, 2, 3)), vscale);
+      v = demote4(lo, hi);
+    }
+    v128.store(pout + (<usize>i << 2), v);
+  }
+  return v128.any_true(nan) ? 1 : 0;
+}

@@ -10,7 +10,7 @@ import { closeSync, openSync, writeSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
-import { useBlockKernels } from '../src/merge/blocks-wasm.js';
+import { blockKernelsAvailable, fillBernoulliWasm, useBlockKernels } from '../src/merge/blocks-wasm.js';
 import { computeTensor, type ComputeInput, type ComputeTask } from '../src/merge/worker.js';
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, type FloatDType } from '../src/tensor/dtype.js';
 import { Rng } from '../src/tensor/rng.js';
@@ -21,7 +21,7 @@ after(() => rm(root, { recursive: true, force: true }));
 type Stored = 'F32' | 'BF16' | 'F16';
 
 interface Case {
-  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp';
+  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear';
   n: number;
   /** Default [n]. */
   shape?: number[];
@@ -79,7 +79,7 @@ function task(c: Case, inputs: ComputeInput[]): ComputeTask {
     computeDtype: c.computeDtype,
     outDtype: c.outDtype,
     outShape: c.shape ?? [c.n],
-    seed: null,
+    seed: c.method.startsWith('dare') ? 1234 : null,
   };
 }
 
@@ -170,6 +170,19 @@ cases.push(
   { method: 'nuslerp', n: 40 * 300, shape: [40, 300], models: 2, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: nuslerpParams(2, false, true) },
 );
 
+const dareParams = (models: number, rescale: boolean, normalize: boolean, lambda = 1) => ({
+  global: { rescale, normalize, lambda, int8_mask: false },
+  perModel: Object.fromEntries(
+    Array.from({ length: models }, (_, k) => [`m${k}`, k === 0 ? {} : { weight: [1, 0.8, -0.5, 0.6][k % 4], density: [0.5, 0.3, 1, 0, 0.9][k % 5] }]),
+  ),
+});
+cases.push(
+  { method: 'dare_ties', n: 70_001, models: 4, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: dareParams(4, true, false) },
+  { method: 'dare_ties', n: 300_001, models: 6, dtype: 'BF16', outDtype: 'BF16', computeDtype: 'BF16', specials: true, params: dareParams(6, true, true, 0.7) },
+  { method: 'dare_linear', n: 9_001, models: 3, dtype: 'F32', outDtype: 'F32', computeDtype: null, specials: true, params: dareParams(3, false, false) },
+  { method: 'dare_linear', n: 70_003, models: 4, dtype: 'F16', outDtype: 'BF16', computeDtype: 'F16', specials: false, params: dareParams(4, true, true) },
+);
+
 cases.forEach((c, k) => {
   test(`${c.method} chunked equals the plain path: ${c.dtype} → ${c.outDtype}, dtype ${c.computeDtype ?? 'none'}, n=${c.n}, ${c.models} models${c.specials ? ', NaN/Inf/−0' : ''}`, () => {
     check(c, 100 + k);
@@ -207,4 +220,24 @@ test('model_stock chunked: a zero denominator gives the base and the same single
   assert.deepEqual(chunked.warnings, plain.warnings);
   assert.ok(bytesOf(plain).equals(bytesOf(chunked)));
   assert.equal(new Float32Array(chunked.bytes.slice().buffer)[5], 0.25);
+});
+
+test('fillBernoulliWasm draws the same marks as Rng.fillBernoulli and leaves the same state', { skip: !blockKernelsAvailable() && 'block kernels not built (npm run build:wasm)' }, () => {
+  for (const [seed, n, threshold] of [
+    [1, 1, 0.5 * 2 ** 32],
+    [2, (1 << 20) + 333, 0.3 * 2 ** 32],
+    [3, 5000, -7],
+    [4, 5000, 2 ** 33],
+    [5, 5000, NaN],
+    [6, 70_001, 2 ** 32],
+  ] as const) {
+    const a = new Rng(seed);
+    const b = new Rng(seed);
+    const want = new Uint8Array(n);
+    const got = new Uint8Array(n);
+    a.fillBernoulli(want, threshold);
+    assert.equal(fillBernoulliWasm(b, got, threshold), true);
+    assert.ok(Buffer.from(want).equals(Buffer.from(got)), `seed ${seed}`);
+    assert.equal(a.nextU32(), b.nextU32(), 'the stream continues from the same state');
+  }
 });

@@ -10,6 +10,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { wasmSimdSupported } from '../backend/wasm/module.js';
 import { type WasmMemory, wasm } from '../backend/wasm/wasm-api.js';
+import type { Rng } from '../tensor/rng.js';
 import type { ChunkedInput, StoredArray } from './types.js';
 
 type Stored = NonNullable<ChunkedInput['stored']>;
@@ -18,6 +19,9 @@ interface BlockExports {
   linearBlock(pin: number, stride: number, m: number, n: number, pw: number, divisor: number, flags: number, pout: number): number;
   lerpBlock(p0: number, p1: number, n: number, a: number, b: number, flags: number, pout: number): number;
   sumsBlock(p0: number, p1: number, n: number, psums: number, flags: number): void;
+  bernoulliFill(pstate: number, pout: number, n: number, threshold: number): void;
+  l1Masked(px: number, pb: number, pmask: number, n: number, psums: number, flags: number): void;
+  maskedDelta(px: number, pb: number, pmask: number, n: number, scale: number, flags: number, pout: number): number;
 }
 
 interface BlockState {
@@ -44,6 +48,11 @@ function wasmPath(): string | undefined {
   return [new URL(`./${WASM_FILE}`, import.meta.url), new URL(`../../dist/merge/${WASM_FILE}`, import.meta.url)]
     .map((u) => fileURLToPath(u))
     .find((p) => existsSync(p));
+}
+
+/** Whether the block kernels are built and this runtime supports them. */
+export function blockKernelsAvailable(): boolean {
+  return blockWasm() !== null;
 }
 
 function blockWasm(): BlockState | null {
@@ -171,6 +180,92 @@ export function slerpWasm(
     copyIn(mem, p1, inputs[1]!, start, len);
     if (s.exports.lerpBlock(p0, p1, (len + 3) & ~3, a, b, flags, pout)) jsBlock(start, len, a, b);
     else copyOut(mem, pout, out, start, len);
+  }
+  return true;
+}
+
+/** Draws per call of the WebAssembly mask kernel. */
+const DRAW_BLOCK = 1 << 20;
+
+/**
+ * `rng.fillBernoulli(out, threshold)` in WebAssembly: the same draws and marks, and `rng` left at
+ * the same state. False, having drawn nothing, where the kernels are not available.
+ */
+export function fillBernoulliWasm(rng: Rng, out: Uint8Array, threshold: number): boolean {
+  const s = blockWasm();
+  if (!s) return false;
+  const pstate = BASE;
+  const pout = BASE + 16;
+  const mem = memoryFor(s, pout + Math.min(DRAW_BLOCK, out.length));
+  if (!mem) return false;
+  const state = new Uint32Array(mem, pstate, 4);
+  rng.saveState(state);
+  // As fillBernoulli: 0 ≤ threshold ≤ 2³² (NaN marks nothing).
+  const t = threshold < 0 ? 0 : threshold > 4294967296 ? 4294967296 : threshold;
+  for (let start = 0; start < out.length; start += DRAW_BLOCK) {
+    const len = Math.min(DRAW_BLOCK, out.length - start);
+    s.exports.bernoulliFill(pstate, pout, len, t);
+    out.set(new Uint8Array(mem, pout, len), start);
+  }
+  rng.loadState(state);
+  return true;
+}
+
+/** Layout of the DARE kernels' memory for blocks of at most WASM_BLOCK values. */
+function dareLayout(s: BlockState): { mem: ArrayBuffer; psums: number; px: number; pb: number; pmask: number; pout: number } | null {
+  const psums = BASE;
+  const px = BASE + 16;
+  const pb = px + WASM_BLOCK * 4;
+  const pmask = pb + WASM_BLOCK * 4;
+  const pout = pmask + WASM_BLOCK;
+  const mem = memoryFor(s, pout + WASM_BLOCK * 4);
+  return mem ? { mem, psums, px, pb, pmask, pout } : null;
+}
+
+/**
+ * DARE's ‖x − b‖₁ and ‖(x − b) ⊙ mask‖₁ over all values (float64 sums in index order, as the
+ * TypeScript), or null where the kernels do not apply (then nothing was read).
+ */
+export function maskedL1Wasm(x: Stored | undefined, b: Stored | undefined, mask: Uint8Array): { before: number; after: number } | null {
+  const s = blockWasm();
+  if (!s || !x || !b || x.dtype !== b.dtype || (x.dtype !== 'BF16' && x.dtype !== 'F32')) return null;
+  const m = dareLayout(s);
+  if (!m) return null;
+  const sums = new Float64Array(m.mem, m.psums, 2);
+  sums.fill(0);
+  const flags = x.dtype === 'BF16' ? 1 : 0;
+  const n = mask.length;
+  for (let start = 0; start < n; start += WASM_BLOCK) {
+    const len = Math.min(WASM_BLOCK, n - start);
+    copyIn(m.mem, m.px, x, start, len);
+    copyIn(m.mem, m.pb, b, start, len);
+    new Uint8Array(m.mem, m.pmask, len).set(mask.subarray(start, start + len));
+    s.exports.l1Masked(m.px, m.pb, m.pmask, len, m.psums, flags);
+  }
+  return { before: sums[0]!, after: sums[1]! };
+}
+
+/**
+ * DARE's masked (and rescaled) task vector for values [start, start + dst.length) into `dst`,
+ * as the TypeScript rounds it; false (dst unspecified) where the kernels do not apply or a value
+ * of the block is NaN, and the caller computes the block itself.
+ */
+export function maskedDeltaWasm(x: Stored | undefined, b: Stored | undefined, mask: Uint8Array, start: number, scale: number | undefined, dst: Float32Array): boolean {
+  const s = blockWasm();
+  if (!s || !x || !b || x.dtype !== b.dtype || (x.dtype !== 'BF16' && x.dtype !== 'F32')) return false;
+  const m = dareLayout(s);
+  if (!m) return false;
+  const flags = (x.dtype === 'BF16' ? 1 : 0) | (scale === undefined ? 0 : 4);
+  for (let from = 0; from < dst.length; from += WASM_BLOCK) {
+    const len = Math.min(WASM_BLOCK, dst.length - from);
+    const padded = (len + 3) & ~3;
+    copyIn(m.mem, m.px, x, start + from, len);
+    copyIn(m.mem, m.pb, b, start + from, len);
+    const mk = new Uint8Array(m.mem, m.pmask, padded);
+    mk.set(mask.subarray(start + from, start + from + len));
+    mk.fill(0, len);
+    if (s.exports.maskedDelta(m.px, m.pb, m.pmask, padded, scale ?? 1, flags, m.pout)) return false;
+    dst.set(new Float32Array(m.mem, m.pout, len), from);
   }
   return true;
 }

@@ -16,7 +16,8 @@ import { InputPrefetcher, type PrefetchAreas } from './prefetch.js';
 import { getMergeMethod, mergeTensor } from './registry.js';
 import { tensorRng } from './sparsify.js';
 import { chunkedFileInput, chunkedInput, chunkWriter } from './chunked.js';
-import type { ChunkedInput, MergeInput, MergeMethod, ResolvedParams } from './types.js';
+import type { ChunkedInput, MergeContext, MergeInput, MergeMethod, ResolvedParams } from './types.js';
+import type { Rng } from '../tensor/rng.js';
 
 /** Marks worker threads started by the executor. */
 export const WORKER_MARK = 'amalgam-merge-worker';
@@ -182,7 +183,7 @@ function computeStored(task: ComputeTask, warnings: string[], preloaded?: Preloa
 
 function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<string, number>, preloaded?: Preloaded): Uint8Array | undefined {
   const method = getMergeMethod(task.method);
-  if (method.mergeChunked) return computeChunked(task, warnings, fds, method.mergeChunked.bind(method));
+  if (method.mergeChunked) return computeChunked(task, warnings, fds, method);
   const v = gtaVariantOf(method);
   if (!v || !isStoredDType(task.outDtype)) return undefined;
   const round = task.computeDtype === 'BF16' || task.computeDtype === 'F16' ? task.computeDtype : undefined;
@@ -236,8 +237,8 @@ function storedOutput(task: ComputeTask, dtype: StoredDType): { out: MemoryValue
  * A method's `mergeChunked` over inputs given as stored bytes; undefined (nothing done) where
  * an input is not, or the method declines.
  */
-function computeChunked(task: ComputeTask, warnings: string[], fds: Map<string, number>, run: NonNullable<MergeMethod['mergeChunked']>): Uint8Array | undefined {
-  if (!isStoredDType(task.outDtype)) return undefined;
+function computeChunked(task: ComputeTask, warnings: string[], fds: Map<string, number>, method: MergeMethod): Uint8Array | undefined {
+  if (!isStoredDType(task.outDtype) || !method.mergeChunked) return undefined;
   const round = task.computeDtype === 'BF16' || task.computeDtype === 'F16' ? task.computeDtype : undefined;
   const inputs: ChunkedInput[] = [];
   for (const i of task.inputs) {
@@ -253,7 +254,7 @@ function computeChunked(task: ComputeTask, warnings: string[], fds: Map<string, 
     inputs.push(chunkedInput(i.model, i.shape, values));
   }
   const { out, buf, at, outBytes } = storedOutput(task, task.outDtype);
-  const ctx = {
+  const ctx: Omit<MergeContext, 'inputs'> = {
     tensorName: task.tensorName,
     isEmbed: task.isEmbed,
     isOptional: task.isOptional,
@@ -261,8 +262,15 @@ function computeChunked(task: ComputeTask, warnings: string[], fds: Map<string, 
     params: task.params,
     warn: (m: string) => warnings.push(m),
   };
-  if (!run(ctx, inputs, chunkWriter(out))) return undefined;
+  if (method.randomized) ctx.rng = randomSource(task, method.name);
+  if (!method.mergeChunked(ctx, inputs, chunkWriter(out))) return undefined;
   return new Uint8Array(buf, at, outBytes);
+}
+
+/** The random stream of a randomized method's tensor, derived from the seed and the tensor name. */
+function randomSource(task: ComputeTask, methodName: string): Rng {
+  if (task.seed === null) throw new AmalgamError('E_USAGE', `${methodName} draws random masks and needs a seed`, { key: task.tensorName });
+  return tensorRng(task.seed, task.tensorName);
 }
 
 /** The stored bytes of an input given by its file location. */
@@ -318,10 +326,7 @@ export function computeTensor(task: ComputeTask, preloaded?: Preloaded): Compute
     params: task.params,
     warn: (m) => warnings.push(m),
   };
-  if (method.randomized) {
-    if (task.seed === null) throw new AmalgamError('E_USAGE', `${method.name} draws random masks and needs a seed`, { key: task.tensorName });
-    ctx.rng = tensorRng(task.seed, task.tensorName);
-  }
+  if (method.randomized) ctx.rng = randomSource(task, method.name);
   const out = mergeTensor(method, ctx);
   if (!out) {
     throw new AmalgamError('E_MISSING', `${method.name} left the tensor out, but the plan writes it`, { key: task.tensorName });

@@ -26,6 +26,22 @@ export class Rng {
     if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s0 = 1;
   }
 
+  /** Copies the four state words into `into` (to continue the stream in another kernel). */
+  saveState(into: Uint32Array): void {
+    into[0] = this.s0;
+    into[1] = this.s1;
+    into[2] = this.s2;
+    into[3] = this.s3;
+  }
+
+  /** Continues from four state words saved by `saveState` (and advanced elsewhere). */
+  loadState(from: Uint32Array): void {
+    this.s0 = from[0]! | 0;
+    this.s1 = from[1]! | 0;
+    this.s2 = from[2]! | 0;
+    this.s3 = from[3]! | 0;
+  }
+
   /** Uniform 32-bit unsigned integer. */
   nextU32(): number {
     const result = Math.imul(rotl(Math.imul(this.s1, 5), 7), 9) >>> 0;

@@ -1,12 +1,15 @@
 /** DARE (linear): Bernoulli(density) keep-mask per task vector with L1 rescale, plain weighted sum. */
 import { makeGtaMethod } from '../gta.js';
+import { withChunkedDare } from '../random-chunked.js';
 
-export const dareLinear = makeGtaMethod({
-  name: 'dare_linear',
-  prettyName: 'Linear DARE',
-  reference: 'https://arxiv.org/abs/2311.03099',
-  sparsification: 'random',
-  consensus: null,
-  defaultNormalize: false,
-  defaultRescale: true,
-});
+export const dareLinear = withChunkedDare(
+  makeGtaMethod({
+    name: 'dare_linear',
+    prettyName: 'Linear DARE',
+    reference: 'https://arxiv.org/abs/2311.03099',
+    sparsification: 'random',
+    consensus: null,
+    defaultNormalize: false,
+    defaultRescale: true,
+  }),
+);
