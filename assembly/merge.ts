@@ -78,6 +78,107 @@ export function tauKeys(pb: usize, px: usize, n: i32, pkeys: usize, bf16: i32): 
 }
 
 // @ts-ignore: decorator
+@inline function maxLane(mx: v128): i32 {
+  let m = i32x4.extract_lane(mx, 0);
+  if (<u32>i32x4.extract_lane(mx, 1) > <u32>m) m = i32x4.extract_lane(mx, 1);
+  if (<u32>i32x4.extract_lane(mx, 2) > <u32>m) m = i32x4.extract_lane(mx, 2);
+  if (<u32>i32x4.extract_lane(mx, 3) > <u32>m) m = i32x4.extract_lane(mx, 3);
+  return m;
+}
+
+// The bracket pass of entries k and k + 1: two brackets over the same model's keys (computed
+// once), each with its counts and list. (`windowImpl` is the one-bracket form.)
+// @ts-ignore: decorator
+@inline function windowTwo(
+  pbase: usize,
+  stride: usize,
+  k: i32,
+  len: i32,
+  prm: usize,
+  plists: usize,
+  listStride: usize,
+  pcounts: usize,
+  index0: i32,
+  tmp: usize,
+  bf16: bool,
+): void {
+  const abs = i32x4.splat(ABS);
+  const full = len & ~3;
+  const tail = len - full;
+  const pp = prm + (<usize>k << 4);
+  const lo = i32x4.splat(load<i32>(pp));
+  const hi = i32x4.splat(load<i32>(pp, 4));
+  const lo2 = i32x4.splat(load<i32>(pp, 16));
+  const hi2 = i32x4.splat(load<i32>(pp, 20));
+  const px = pbase + <usize>load<i32>(pp, 8) * stride;
+  const plist = plists + <usize>k * listStride;
+  const plist2 = plist + listStride;
+  let nGt = i32x4.splat(0);
+  let nHi = i32x4.splat(0);
+  let nLo = i32x4.splat(0);
+  let nGt2 = i32x4.splat(0);
+  let nHi2 = i32x4.splat(0);
+  let nLo2 = i32x4.splat(0);
+  let mx = i32x4.splat(0);
+  let listed: i32 = 0;
+  let listed2: i32 = 0;
+  for (let i = 0; i < full; i += 4) {
+    const b = load4(pbase, i, bf16);
+    const x = load4(px, i, bf16);
+    mx = maxMagnitude(maxMagnitude(mx, b), x);
+    const key = v128.and(f32x4.sub(x, b), abs);
+    const gtHi = i32x4.gt_s(key, hi);
+    const eqHi = i32x4.eq(key, hi);
+    nGt = i32x4.sub(nGt, gtHi);
+    nHi = i32x4.sub(nHi, eqHi);
+    nLo = i32x4.sub(nLo, i32x4.eq(key, lo));
+    const inner = v128.andnot(i32x4.gt_s(key, lo), v128.or(gtHi, eqHi));
+    if (v128.any_true(inner)) listed = appendLanes(key, i32x4.bitmask(inner), index0 + i, plist, listed, tmp);
+    const gtHi2 = i32x4.gt_s(key, hi2);
+    const eqHi2 = i32x4.eq(key, hi2);
+    nGt2 = i32x4.sub(nGt2, gtHi2);
+    nHi2 = i32x4.sub(nHi2, eqHi2);
+    nLo2 = i32x4.sub(nLo2, i32x4.eq(key, lo2));
+    const inner2 = v128.andnot(i32x4.gt_s(key, lo2), v128.or(gtHi2, eqHi2));
+    if (v128.any_true(inner2)) listed2 = appendLanes(key, i32x4.bitmask(inner2), index0 + i, plist2, listed2, tmp);
+  }
+  if (tail) {
+    const valid = i32x4.lt_s(i32x4(0, 1, 2, 3), i32x4.splat(tail));
+    const b = v128.and(load4(pbase, full, bf16), valid);
+    const x = v128.and(load4(px, full, bf16), valid);
+    mx = maxMagnitude(maxMagnitude(mx, b), x);
+    const key = v128.and(f32x4.sub(x, b), abs);
+    const gtHi = v128.and(i32x4.gt_s(key, hi), valid);
+    const eqHi = v128.and(i32x4.eq(key, hi), valid);
+    nGt = i32x4.sub(nGt, gtHi);
+    nHi = i32x4.sub(nHi, eqHi);
+    nLo = i32x4.sub(nLo, v128.and(i32x4.eq(key, lo), valid));
+    const inner = v128.and(v128.andnot(i32x4.gt_s(key, lo), v128.or(gtHi, eqHi)), valid);
+    if (v128.any_true(inner)) listed = appendLanes(key, i32x4.bitmask(inner), index0 + full, plist, listed, tmp);
+    const gtHi2 = v128.and(i32x4.gt_s(key, hi2), valid);
+    const eqHi2 = v128.and(i32x4.eq(key, hi2), valid);
+    nGt2 = i32x4.sub(nGt2, gtHi2);
+    nHi2 = i32x4.sub(nHi2, eqHi2);
+    nLo2 = i32x4.sub(nLo2, v128.and(i32x4.eq(key, lo2), valid));
+    const inner2 = v128.and(v128.andnot(i32x4.gt_s(key, lo2), v128.or(gtHi2, eqHi2)), valid);
+    if (v128.any_true(inner2)) listed2 = appendLanes(key, i32x4.bitmask(inner2), index0 + full, plist2, listed2, tmp);
+  }
+  const m = maxLane(mx);
+  const pc = pcounts + (<usize>k << 5);
+  store<i32>(pc, sum4(nGt));
+  store<i32>(pc, sum4(nHi), 4);
+  store<i32>(pc, sum4(nLo), 8);
+  store<i32>(pc, listed, 12);
+  store<i32>(pc, m, 16);
+  store<i32>(pc, sum4(nGt2), 32);
+  store<i32>(pc, sum4(nHi2), 36);
+  store<i32>(pc, sum4(nLo2), 40);
+  store<i32>(pc, listed2, 44);
+  store<i32>(pc, m, 48);
+  if (<u32>m > 0x7f800000) nanSeen = 1;
+}
+
+// @ts-ignore: decorator
 @inline function windowImpl(
   pbase: usize,
   stride: usize,
@@ -172,6 +273,31 @@ export function windowPass(
   else windowImpl(pbase, stride, models, len, prm, plists, listStride, pcounts, index0, false);
 }
 
+/**
+ * `windowPass` for `pairs` pairs of entries: entries 2p and 2p + 1 are two brackets over the same
+ * model's keys (the slot of entry 2p), which are computed once for both; each entry has its
+ * counts and list as in `windowPass`. flags: 1 BF16 input (else F32).
+ */
+export function windowPairs(
+  pbase: usize,
+  stride: usize,
+  pairs: i32,
+  len: i32,
+  prm: usize,
+  plists: usize,
+  listStride: usize,
+  pcounts: usize,
+  index0: i32,
+  flags: i32,
+): void {
+  const tmp = pcounts + (<usize>pairs << 6);
+  if ((flags & 1) != 0) {
+    for (let k = 0; k < 2 * pairs; k += 2) windowTwo(pbase, stride, k, len, prm, plists, listStride, pcounts, index0, tmp, true);
+  } else {
+    for (let k = 0; k < 2 * pairs; k += 2) windowTwo(pbase, stride, k, len, prm, plists, listStride, pcounts, index0, tmp, false);
+  }
+}
+
 /** Adds the upper 16 bits of `len` keys to a histogram of 32768 u32 counts. */
 export function histHigh(pkeys: usize, len: i32, phist: usize): void {
   for (let i = 0; i < len; i++) {
@@ -216,6 +342,7 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
   outBf16: bool,
   ties: bool,
   deltas: bool,
+  exclude: bool,
 ): void {
   const consensus = (flags & 1) != 0;
   const normalize = (flags & 2) != 0;
@@ -246,6 +373,14 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
       const thr = v128.load32_splat(pp);
       let keep = i32x4.gt_s(key, thr);
       if (ties) keep = v128.or(keep, v128.and(i32x4.eq(key, thr), i32x4.lt_s(idx, v128.load32_splat(pp, 4))));
+      if (exclude) {
+        // Dropped: the exclusion rule's own top-k (same form: key above it, or equal and before its cut).
+        const pe = pp + <usize>m * PARAM_BYTES;
+        const thrE = v128.load32_splat(pe);
+        let drop = i32x4.gt_s(key, thrE);
+        if (ties) drop = v128.or(drop, v128.and(i32x4.eq(key, thrE), i32x4.lt_s(idx, v128.load32_splat(pe, 4))));
+        keep = v128.andnot(keep, drop);
+      }
       const kept = f32x4.mul(tau, v128.and(keep, one));
       const v = f32x4.mul(v128.load32_splat(pp, 8), kept);
       v128.store(ps, v);
@@ -276,7 +411,8 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
     }
     if (scale) val = f32x4.mul(val, vlambda);
     const o = f32x4.add(b, val);
-    if (deltas) mx = maxMagnitude(mx, o);
+    // NaN outputs (whose payloads may differ from the TypeScript combine's) are noted.
+    if (deltas || exclude) mx = maxMagnitude(mx, o);
     if (outBf16) {
       const isNan = i32x4.gt_u(v128.and(o, abs), i32x4.splat(0x7f800000));
       const hi = i32x4.shr_u(o, 16);
@@ -289,7 +425,7 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
     }
     if (ties) idx = i32x4.add(idx, four);
   }
-  if (track || deltas) noteNaN(mx);
+  if (track || deltas || exclude) noteNaN(mx);
 }
 
 // The combine for at most 4 models, without the ties rule, for chunks whose values are known to
@@ -300,9 +436,12 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
 // from there on both combines do the same operations.
 
 // @ts-ignore: decorator
-@inline function keptOf(px: usize, i: i32, b: v128, thr: v128, bf16: bool): v128 {
+@inline function keptOf(px: usize, i: i32, b: v128, thr: v128, thrE: v128, bf16: bool, exclude: bool): v128 {
   const tau = f32x4.sub(load4(px, i, bf16), b);
-  return v128.and(tau, i32x4.gt_s(v128.and(tau, i32x4.splat(ABS)), thr));
+  const key = v128.and(tau, i32x4.splat(ABS));
+  let keep = i32x4.gt_s(key, thr);
+  if (exclude) keep = v128.andnot(keep, i32x4.gt_s(key, thrE));
+  return v128.and(tau, keep);
 }
 
 // @ts-ignore: decorator
@@ -322,6 +461,7 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
   pout: usize,
   bf16: bool,
   outBf16: bool,
+  exclude: bool,
 ): void {
   const normalize = (flags & 2) != 0;
   const scale = (flags & 4) != 0;
@@ -337,6 +477,11 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
   const w2 = M > 2 ? v128.load32_splat(prm, 40) : w0;
   const t3 = M > 3 ? v128.load32_splat(prm, 48) : t0;
   const w3 = M > 3 ? v128.load32_splat(prm, 56) : w0;
+  const pe = prm + <usize>M * PARAM_BYTES;
+  const e0 = exclude ? v128.load32_splat(pe) : t0;
+  const e1 = exclude && M > 1 ? v128.load32_splat(pe, 16) : e0;
+  const e2 = exclude && M > 2 ? v128.load32_splat(pe, 32) : e0;
+  const e3 = exclude && M > 3 ? v128.load32_splat(pe, 48) : e0;
   const p0 = pbase + stride;
   const p1 = p0 + stride;
   const p2 = p1 + stride;
@@ -344,19 +489,19 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
   for (let i = 0; i < n; i += 4) {
     const b = load4(pbase, i, bf16);
     // +0 + v0 differs from v0 only for −0, which the sign test reads as ≥ 0 either way.
-    const v0 = f32x4.mul(w0, keptOf(p0, i, b, t0, bf16));
+    const v0 = f32x4.mul(w0, keptOf(p0, i, b, t0, e0, bf16, exclude));
     let t = v0;
     let v1 = zero, v2 = zero, v3 = zero;
     if (M > 1) {
-      v1 = f32x4.mul(w1, keptOf(p1, i, b, t1, bf16));
+      v1 = f32x4.mul(w1, keptOf(p1, i, b, t1, e1, bf16, exclude));
       t = f32x4.add(t, v1);
     }
     if (M > 2) {
-      v2 = f32x4.mul(w2, keptOf(p2, i, b, t2, bf16));
+      v2 = f32x4.mul(w2, keptOf(p2, i, b, t2, e2, bf16, exclude));
       t = f32x4.add(t, v2);
     }
     if (M > 3) {
-      v3 = f32x4.mul(w3, keptOf(p3, i, b, t3, bf16));
+      v3 = f32x4.mul(w3, keptOf(p3, i, b, t3, e3, bf16, exclude));
       t = f32x4.add(t, v3);
     }
     // The elected sign is − where the total is not ≥ 0. An agreeing value is never ±0, and a
@@ -397,15 +542,15 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
 }
 
 // @ts-ignore: decorator
-@inline function fastDtypes(M: i32, pbase: usize, stride: usize, n: i32, prm: usize, flags: i32, lambda: f32, pout: usize): void {
+@inline function fastDtypes(M: i32, pbase: usize, stride: usize, n: i32, prm: usize, flags: i32, lambda: f32, pout: usize, exclude: bool): void {
   const bf16 = (flags & 8) != 0;
   const outBf16 = (flags & 16) != 0;
   if (bf16) {
-    if (outBf16) fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, true, true);
-    else fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, true, false);
+    if (outBf16) fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, true, true, exclude);
+    else fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, true, false, exclude);
   } else {
-    if (outBf16) fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, false, true);
-    else fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, false, false);
+    if (outBf16) fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, false, true, exclude);
+    else fastImpl(M, pbase, stride, n, prm, flags, lambda, pout, false, false, exclude);
   }
 }
 
@@ -414,10 +559,21 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
  * (see above); same parameters and flags (1, 32 and 64 are ignored).
  */
 export function combineFinite(pbase: usize, stride: usize, m: i32, n: i32, prm: usize, flags: i32, lambda: f32, pout: usize): void {
-  if (m == 1) fastDtypes(1, pbase, stride, n, prm, flags, lambda, pout);
-  else if (m == 2) fastDtypes(2, pbase, stride, n, prm, flags, lambda, pout);
-  else if (m == 3) fastDtypes(3, pbase, stride, n, prm, flags, lambda, pout);
-  else fastDtypes(4, pbase, stride, n, prm, flags, lambda, pout);
+  if (m == 1) fastDtypes(1, pbase, stride, n, prm, flags, lambda, pout, false);
+  else if (m == 2) fastDtypes(2, pbase, stride, n, prm, flags, lambda, pout, false);
+  else if (m == 3) fastDtypes(3, pbase, stride, n, prm, flags, lambda, pout, false);
+  else fastDtypes(4, pbase, stride, n, prm, flags, lambda, pout, false);
+}
+
+/**
+ * `combineFinite` with an exclusion rule per model (the thresholds at `prm + 16m + 16k`, no
+ * cuts; see `combineExcluding`).
+ */
+export function combineFiniteExcluding(pbase: usize, stride: usize, m: i32, n: i32, prm: usize, flags: i32, lambda: f32, pout: usize): void {
+  if (m == 1) fastDtypes(1, pbase, stride, n, prm, flags, lambda, pout, true);
+  else if (m == 2) fastDtypes(2, pbase, stride, n, prm, flags, lambda, pout, true);
+  else if (m == 3) fastDtypes(3, pbase, stride, n, prm, flags, lambda, pout, true);
+  else fastDtypes(4, pbase, stride, n, prm, flags, lambda, pout, true);
 }
 
 /**
@@ -446,24 +602,64 @@ export function combine(
   const outBf16 = (flags & 16) != 0;
   const ties = (flags & 64) != 0;
   if ((flags & 128) != 0) {
-    combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, false, true);
+    combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, false, true, false);
     return;
   }
   if (ties) {
     if (bf16) {
-      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, true, false);
-      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, true, false);
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, true, false, false);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, true, false, false);
     } else {
-      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, true, false);
-      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, true, false);
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, true, false, false);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, true, false, false);
     }
   } else {
     if (bf16) {
-      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, false, false);
-      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, false, false);
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, false, false, false);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, false, false, false);
     } else {
-      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, false, false);
-      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, false, false);
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, false, false, false);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, false, false, false);
+    }
+  }
+}
+
+/**
+ * `combine` (same parameters; flags 128 is not taken) with an exclusion rule per model at
+ * `prm + 16m + 16k`: thr (i32) and cut (i32), as the keep rule's (the cut with flag 64). The keys
+ * it selects are dropped from those kept: breadcrumbs' ranks [n_top, k) of the magnitudes. NaN
+ * outputs are noted (`sawNaN`), as NaN inputs with flag 32.
+ */
+export function combineExcluding(
+  pbase: usize,
+  stride: usize,
+  m: i32,
+  n: i32,
+  prm: usize,
+  flags: i32,
+  lambda: f32,
+  scalarDiv: f32,
+  pout: usize,
+  pscratch: usize,
+): void {
+  const bf16 = (flags & 8) != 0;
+  const outBf16 = (flags & 16) != 0;
+  const ties = (flags & 64) != 0;
+  if (ties) {
+    if (bf16) {
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, true, false, true);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, true, false, true);
+    } else {
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, true, false, true);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, true, false, true);
+    }
+  } else {
+    if (bf16) {
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, true, false, false, true);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, true, false, false, false, true);
+    } else {
+      if (outBf16) combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, true, false, false, true);
+      else combineImpl(pbase, stride, m, n, prm, flags, lambda, scalarDiv, pout, pscratch, false, false, false, false, true);
     }
   }
 }

@@ -568,11 +568,12 @@ async function verifyOutput(dir: string, outDir: string, names: string[]): Promi
 // Kernel check
 
 /**
- * The fused kernel against the unfused pipeline on random cases: sizes below and above the
- * sampled-bracket threshold, 1 to 4 models, ties, zeros and tie-heavy BF16 data, densities from 0
- * to 1, negative and large weights, with and without sign consensus, normalisation and lambda;
- * inputs in float32 and in BF16 (rounded to BF16 or not), outputs in BF16 and float32. Returns
- * the number of mismatches.
+ * The fused kernel against the unfused pipeline on random cases: ties, task_arithmetic,
+ * breadcrumbs and breadcrumbs_ties; sizes below and above the sampled-bracket threshold, 1 to 4
+ * models, ties, zeros and tie-heavy BF16 data, densities from 0 to 1 and gammas from 0 to 1
+ * (n_top = 0 included), negative and large weights, with and without sign consensus,
+ * normalisation and lambda; inputs in float32 and in BF16 (rounded to BF16 or not), outputs in
+ * BF16 and float32. Returns the number of mismatches.
  */
 function checkKernels(cases: number, log: (s: string) => void): number {
   let seed = 0x1234567;
@@ -595,17 +596,23 @@ function checkKernels(cases: number, log: (s: string) => void): number {
   };
   const ties = getMergeMethod('ties');
   const ta = getMergeMethod('task_arithmetic');
+  const bc = getMergeMethod('breadcrumbs');
+  const bcTies = getMergeMethod('breadcrumbs_ties');
   let failures = 0;
   for (let c = 0; c < cases; c++) {
     const n = c % 5 === 4 ? pick([(1 << 20) + 3, 3 * (1 << 20) + 17]) : pick([1, 3, 8, 100, 4097, 20000, 100_003]);
     const M = 1 + (c % 4);
     const kind = pick(['normal', 'ints', 'sparse', 'steps']);
-    const method = rnd() < 0.8 ? ties : ta;
+    const r = rnd();
+    const method = r < 0.45 ? ties : r < 0.6 ? ta : r < 0.8 ? bc : bcTies;
     const v = gtaVariantOf(method)!;
     const base = data(n, 'normal');
     const xs = Array.from({ length: M }, () => data(n, kind, base));
     const perModel: Record<string, Record<string, number>> = {};
-    for (let k = 0; k < M; k++) perModel[`m${k}`] = { weight: pick([1, 0.8, 0.6, -0.5, 0, 2.5, normal()]), density: pick([0, 1e-7, 0.1, 0.5, 0.5, 0.9, 1, rnd()]) };
+    for (let k = 0; k < M; k++) {
+      perModel[`m${k}`] = { weight: pick([1, 0.8, 0.6, -0.5, 0, 2.5, normal()]), density: pick([0, 1e-7, 0.1, 0.5, 0.5, 0.9, 1, rnd()]) };
+      if (v.sparsification === 'magnitude_outliers') perModel[`m${k}`]!['gamma'] = pick([0, 1e-7, 0.01, 0.01, 0.05, 0.2, 0.6, 1, rnd() * 0.2]);
+    }
     const global = { normalize: rnd() < 0.7, rescale: false, lambda: pick([1, 1, 0.5]), int8_mask: false };
     const params = { global, perModel };
     for (const stored of ['F32', 'BF16'] as const) {
@@ -618,7 +625,8 @@ function checkKernels(cases: number, log: (s: string) => void): number {
         const d = subtract(x, f32[0]!);
         const density = perModel[`m${k}`]!['density']!;
         if (!v.sparsification || density >= 1) return d;
-        return sparsify(d, { method: 'magnitude', density, rescale: false, shape: [n], tensorName: 't', model: `m${k}`, warn: (m) => warnOld.push(m) });
+        const gamma = perModel[`m${k}`]!['gamma'];
+        return sparsify(d, { method: v.sparsification, density, gamma, rescale: false, shape: [n], tensorName: 't', model: `m${k}`, warn: (m) => warnOld.push(m) });
       });
       const weights = xs.map((_, k) => perModel[`m${k}`]!['weight']!);
       const want = combineTaskVectors(f32[0]!, deltas, weights, v.consensus, global.normalize, global.lambda);

@@ -41,8 +41,19 @@ export function storedLength(v: StoredValues): number {
 export interface FusedGtaModel {
   values: StoredValues;
   weight: number;
-  /** Elements kept by the magnitude top-k: null keeps all (no sparsifier, or density ≥ 1); 0 zeroes the task vector. */
+  /**
+   * Elements kept by the magnitude top-k: null keeps all (no sparsifier, or density ≥ 1); 0 zeroes
+   * the task vector (without `drop`: as `sparsify` 'magnitude' does, the model adds nothing).
+   */
   keep: number | null;
+  /**
+   * Breadcrumbs ('magnitude_outliers'; given for every model of such a merge): the `drop` largest
+   * magnitudes are dropped from the kept ones, so that descending ranks [drop, keep) are kept
+   * (ties by lower flat index, as `descendingRangeMask`); 0 drops none. With it, a model that
+   * keeps nothing still multiplies its task vector by 0 (as `applyMask`: NaN or ±Inf values give
+   * NaN), and the WebAssembly combine hands any run that meets a NaN to the TypeScript one.
+   */
+  drop?: number;
 }
 
 export interface FusedGtaOptions {
@@ -130,8 +141,17 @@ export class KeyList {
 
 /** Combine settings, per active model. Weights, lambda and the divisor are float32 values. */
 export interface CombineSettings {
+  /** The keep rule (thr = −1 keeps every element). */
   thr: Float64Array;
   cut: Float64Array;
+  /**
+   * Whether the models have exclusion rules (`dropThr`, `dropCut`: the elements they select are
+   * dropped; breadcrumbs). The WebAssembly combine then notes NaN outputs too (see `sawNaN`).
+   */
+  exclude: boolean;
+  /** The exclusion rule, read only with `exclude` (thr = 2^31 − 1 and cut = 0 drop nothing). */
+  dropThr: Float64Array;
+  dropCut: Float64Array;
   weights: readonly number[];
   consensus: boolean;
   normalize: boolean;
@@ -150,22 +170,26 @@ export interface CombineSettings {
 export interface Kernel {
   load(start: number, len: number, models: readonly number[], readAhead: boolean): void;
   /**
-   * The bracket pass over the chunk: per model t, counts the keys above hi[t], equal to hi[t] and
-   * equal to lo[t], and lists those strictly between.
+   * The bracket pass over the chunk: per entry t (model `models[t]`), counts the keys above hi[t],
+   * equal to hi[t] and equal to lo[t], and lists those strictly between. The entries of one model
+   * are next to each other (at most two), and its keys are computed once for them.
    */
   window(len: number, models: readonly number[], lo: readonly number[], hi: readonly number[], index0: number, lists: readonly KeyList[]): BracketCounts[];
   /** Computes model m's keys of the chunk, which `key`, `histHigh` and `bucket` read. */
   keys(m: number, len: number): void;
   key(j: number): number;
-  /** Adds the keys' upper 16 bits to histogram `slot` (32768 counts). */
+  /** Adds the keys' upper 16 bits to histogram `slot` (32768 counts; a slot per model). */
   histHigh(len: number, slot: number): void;
   histogram(slot: number): Uint32Array;
-  /** For keys whose upper 16 bits are `bucket`: the lower-16-bit histogram `slot` and the list. */
+  /**
+   * For keys whose upper 16 bits are `bucket`: the lower-16-bit histogram `slot` (a slot per
+   * selection, at most two per model) and the list.
+   */
   bucket(len: number, bucket: number, slot: number, index0: number, list: KeyList): void;
   lowHistogram(slot: number): Uint32Array;
   /** Values [start, start + len) of the result, from a chunk loaded with every model. */
   combine(start: number, len: number, s: CombineSettings): void;
-  /** Whether an input NaN was read where rounding would have changed it. */
+  /** Whether the run met a NaN that the TypeScript kernel is to redo it for (see `WasmKernel.sawNaN`). */
   sawNaN(): boolean;
   /** The largest input magnitude the bracket passes read (every input of every model they covered), or Infinity if unknown. */
   maxInput(): number;

@@ -120,6 +120,37 @@ function weightedKept(
   }
 }
 
+/**
+ * `weightedKept` with an exclusion rule (thrE, cutE) as well: an element is kept when the keep
+ * rule takes it and the exclusion rule does not (breadcrumbs' ranks [n_top, k)).
+ */
+function weightedKeptRange(
+  x: Float32Array,
+  base: Float32Array,
+  tau: Float32Array,
+  bits: Int32Array,
+  v: Float32Array,
+  total: Float32Array,
+  w: number,
+  thr: number,
+  cut: number,
+  thrE: number,
+  cutE: number,
+  len: number,
+): void {
+  for (let j = 0; j < len; j++) {
+    tau[j] = x[j]! - base[j]!;
+    const key = bits[j]! & 0x7fffffff;
+    let keep = (thr - key) >>> 31;
+    if (key === thr && j < cut) keep = 1;
+    let drop = (thrE - key) >>> 31;
+    if (key === thrE && j < cutE) drop = 1;
+    const val = Math.fround(w * (tau[j]! * (keep & (drop ^ 1))));
+    v[j] = val;
+    total[j] += val;
+  }
+}
+
 function electSigns(total: Float32Array, len: number): void {
   // +1 where total ≥ 0, else −1 (NaN included).
   for (let j = 0; j < len; j++) total[j] = 2 * +(total[j]! >= 0) - 1;
@@ -187,7 +218,7 @@ export class JsKernel implements Kernel {
 
   window(len: number, models: readonly number[], lo: readonly number[], hi: readonly number[], index0: number, lists: readonly KeyList[]): BracketCounts[] {
     return models.map((m, t) => {
-      this.keys(m, len);
+      if (t === 0 || models[t - 1] !== m) this.keys(m, len);
       return windowOf(this.tau.i, len, lo[t]!, hi[t]!, index0, lists[t]!);
     });
   }
@@ -221,7 +252,11 @@ export class JsKernel implements Kernel {
     const total = this.total;
     total.fill(0, 0, len);
     for (let m = 0; m < this.xs.length; m++) {
-      weightedKept(this.xs[m]!.f, bf, this.tau.f, this.tau.i, this.v[m]!, total, s.weights[m]!, s.thr[m]!, s.cut[m]! - start, len);
+      if (s.exclude) {
+        weightedKeptRange(this.xs[m]!.f, bf, this.tau.f, this.tau.i, this.v[m]!, total, s.weights[m]!, s.thr[m]!, s.cut[m]! - start, s.dropThr[m]!, s.dropCut[m]! - start, len);
+      } else {
+        weightedKept(this.xs[m]!.f, bf, this.tau.f, this.tau.i, this.v[m]!, total, s.weights[m]!, s.thr[m]!, s.cut[m]! - start, len);
+      }
     }
     const of = this.outChunk.f;
     if (s.consensus) {

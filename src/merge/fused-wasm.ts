@@ -28,10 +28,13 @@ interface MergeWasmExports {
   clearNaN(): void;
   tauKeys(pb: number, px: number, n: number, pkeys: number, bf16: number): void;
   windowPass(pbase: number, stride: number, models: number, len: number, prm: number, plists: number, listStride: number, pcounts: number, index0: number, flags: number): void;
+  windowPairs(pbase: number, stride: number, pairs: number, len: number, prm: number, plists: number, listStride: number, pcounts: number, index0: number, flags: number): void;
   histHigh(pkeys: number, len: number, phist: number): void;
   bucketKeys(pkeys: number, len: number, bucket: number, plow: number, index0: number, plist: number): number;
   combine(pbase: number, stride: number, m: number, n: number, prm: number, flags: number, lambda: number, scalarDiv: number, pout: number, pscratch: number): void;
   combineFinite(pbase: number, stride: number, m: number, n: number, prm: number, flags: number, lambda: number, pout: number): void;
+  combineExcluding(pbase: number, stride: number, m: number, n: number, prm: number, flags: number, lambda: number, scalarDiv: number, pout: number, pscratch: number): void;
+  combineFiniteExcluding(pbase: number, stride: number, m: number, n: number, prm: number, flags: number, lambda: number, pout: number): void;
   dellaRows(pvals: number, rows: number, n: number, lo: number, epsilon: number, pout: number, pscratch: number): void;
 }
 
@@ -101,10 +104,15 @@ const REGION_DIRECT = 1 << 20;
 const DIRECT_MIN = 1 << 18;
 
 
-/** End of the kernel's scratch (page-aligned) for a tensor of `inputs` inputs (base included). */
+/**
+ * End of the kernel's scratch (page-aligned) for a tensor of `inputs` inputs (base included): the
+ * keys, a list, counts and parameters per selection (at most two per model), the combine's
+ * scratch, the output chunk, a high histogram per model and a low one per selection.
+ */
 function scratchEnd(inputs: number): number {
   const M = inputs - 1;
-  const bytes = WASM_BASE + CHUNK * 4 + M * CHUNK * 8 + M * 32 + M * 16 + M * 32 + CHUNK * 4 + M * 32768 * 4 + M * 65536 * 4;
+  const R = 2 * M;
+  const bytes = WASM_BASE + CHUNK * 4 + R * CHUNK * 8 + (R * 32 + 32) + R * 16 + M * 32 + CHUNK * 4 + M * 32768 * 4 + R * 65536 * 4;
   return Math.ceil(bytes / DIRECT_PAGE) * DIRECT_PAGE;
 }
 
@@ -311,6 +319,8 @@ export class WasmKernel implements Kernel {
   private off = 0;
   /** Largest magnitude bit pattern the bracket passes read. */
   private maxBits = 0;
+  /** Whether a combine with exclusion rules ran (it notes NaN outputs, see `sawNaN`). */
+  private excluded = false;
 
   constructor(
     private readonly state: WasmState,
@@ -328,6 +338,8 @@ export class WasmKernel implements Kernel {
     this.outBuf = Buffer.from(out.data.buffer, out.data.byteOffset, out.data.byteLength);
     this.valid = inputs.map(() => false);
     const M = inputs.length - 1;
+    // Selections (bracket entries, low histograms): at most two per model.
+    const R = 2 * M;
     let p = WASM_BASE;
     const take = (bytes: number) => {
       const at = p;
@@ -335,13 +347,15 @@ export class WasmKernel implements Kernel {
       return at;
     };
     this.pKeys = take(CHUNK * 4);
-    this.pLists = take(M * CHUNK * 8);
-    this.pCounts = take(M * 32);
-    this.pParams = take(M * 16);
+    this.pLists = take(R * CHUNK * 8);
+    // Counts per entry, and the bracket pass's 16 bytes of scratch past them.
+    this.pCounts = take(R * 32 + 32);
+    // Per entry of the bracket pass; the combine's keep rules, then its exclusion rules.
+    this.pParams = take(R * 16);
     this.pScratch = take(M * 32);
     this.pOut = take(CHUNK * 4);
     this.pHist = take(M * 32768 * 4);
-    this.pLow = take(M * 65536 * 4);
+    this.pLow = take(R * 65536 * 4);
     p = Math.ceil(p / DIRECT_PAGE) * DIRECT_PAGE;
     if (p !== scratchEnd(M + 1)) throw new Error('fused kernel: scratch layout out of step with scratchEnd');
     // Resident: every input read whole, once, into a slot of its own, which the passes then read
@@ -426,20 +440,39 @@ export class WasmKernel implements Kernel {
 
   window(len: number, models: readonly number[], lo: readonly number[], hi: readonly number[], index0: number, lists: readonly KeyList[]): BracketCounts[] {
     const M = models.length;
+    // Two entries of one model (next to each other) share one pass over its keys
+    // (`windowPairs`), laid out first; then the others (`windowPass`). at[t]: entry t's place.
+    const at = new Array<number>(M);
+    const single: number[] = [];
+    let placed = 0;
     for (let t = 0; t < M; t++) {
-      const p = (this.pParams >>> 2) + 4 * t;
+      if (t + 1 < M && models[t] === models[t + 1]) {
+        at[t] = placed++;
+        at[++t] = placed++;
+      } else single.push(t);
+    }
+    const pairs = placed >>> 1;
+    for (const t of single) at[t] = placed++;
+    for (let t = 0; t < M; t++) {
+      const p = (this.pParams >>> 2) + 4 * at[t]!;
       this.i32[p] = lo[t]!;
       this.i32[p + 1] = hi[t]!;
       this.i32[p + 2] = models[t]! + 1;
     }
-    this.k.windowPass(this.pIn + this.off, this.stride, M, len, this.pParams, this.pLists, CHUNK * 8, this.pCounts, index0, this.bf16 ? 1 : 0);
+    const flags = this.bf16 ? 1 : 0;
+    const base = this.pIn + this.off;
+    if (pairs) this.k.windowPairs(base, this.stride, pairs, len, this.pParams, this.pLists, CHUNK * 8, this.pCounts, index0, flags);
+    if (single.length) {
+      const e = 2 * pairs;
+      this.k.windowPass(base, this.stride, single.length, len, this.pParams + e * 16, this.pLists + e * CHUNK * 8, CHUNK * 8, this.pCounts + e * 32, index0, flags);
+    }
     const counts: BracketCounts[] = [];
     for (let t = 0; t < M; t++) {
-      const c = (this.pCounts >>> 2) + 8 * t;
+      const c = (this.pCounts >>> 2) + 8 * at[t]!;
       counts.push({ above: this.i32[c]!, atHi: this.i32[c + 1]!, atLo: this.i32[c + 2]! });
       this.maxBits = Math.max(this.maxBits, this.i32[c + 4]! >>> 0);
       const listed = this.i32[c + 3]!;
-      if (listed) lists[t]!.pushPairs(this.i32, (this.pLists >>> 2) + t * CHUNK * 2, listed);
+      if (listed) lists[t]!.pushPairs(this.i32, (this.pLists >>> 2) + at[t]! * CHUNK * 2, listed);
     }
     return counts;
   }
@@ -491,7 +524,8 @@ export class WasmKernel implements Kernel {
     const M = s.weights.length;
     const len4 = (len + 3) & ~3;
     let ties = false;
-    // Per model: thr (i32), the chunk-relative cut (i32), the weight (f32), 4 bytes unused.
+    // Per model: thr (i32), the chunk-relative cut (i32), the weight (f32), 4 bytes unused; with
+    // exclusion rules, theirs (thr, cut) after all of those.
     for (let m = 0; m < M; m++) {
       const p = this.pParams + m * 16;
       const thr = s.thr[m]!;
@@ -502,6 +536,16 @@ export class WasmKernel implements Kernel {
       this.i32[p >>> 2] = inside || cut <= 0 || thr < 0 ? thr : thr - 1;
       this.i32[(p >>> 2) + 1] = inside ? cut : -1;
       this.f32[(p + 8) >>> 2] = s.weights[m]!;
+      if (s.exclude) {
+        // The same for the exclusion rule: its ties are all dropped (thr − 1), none, or up to the cut.
+        const e = (this.pParams + (M + m) * 16) >>> 2;
+        const thrE = s.dropThr[m]!;
+        const cutE = s.dropCut[m]! - start;
+        const insideE = cutE > 0 && cutE < len;
+        ties ||= insideE;
+        this.i32[e] = insideE || cutE <= 0 ? thrE : thrE - 1;
+        this.i32[e + 1] = insideE ? cutE : -1;
+      }
     }
     const flags =
       (s.consensus ? 1 : 0) |
@@ -511,13 +555,24 @@ export class WasmKernel implements Kernel {
       (this.outSize === 2 ? 16 : 0) |
       (this.track ? 32 : 0) |
       (ties ? 64 : 0);
-    if (s.finite && s.consensus && !ties && M <= 4) this.k.combineFinite(this.pIn + this.off, this.stride, M, len4, this.pParams, flags, s.lambda, this.pOut);
-    else this.k.combine(this.pIn + this.off, this.stride, M, len4, this.pParams, flags, s.lambda, s.scalarDivisor, this.pOut, this.pScratch);
+    this.excluded ||= s.exclude;
+    const fast = s.finite && s.consensus && !ties && M <= 4;
+    const pb = this.pIn + this.off;
+    if (s.exclude) {
+      if (fast) this.k.combineFiniteExcluding(pb, this.stride, M, len4, this.pParams, flags, s.lambda, this.pOut);
+      else this.k.combineExcluding(pb, this.stride, M, len4, this.pParams, flags, s.lambda, s.scalarDivisor, this.pOut, this.pScratch);
+    } else if (fast) this.k.combineFinite(pb, this.stride, M, len4, this.pParams, flags, s.lambda, this.pOut);
+    else this.k.combine(pb, this.stride, M, len4, this.pParams, flags, s.lambda, s.scalarDivisor, this.pOut, this.pScratch);
     this.mem.copy(this.outBuf, start * this.outSize, this.pOut, this.pOut + len * this.outSize);
   }
 
+  /**
+   * Whether the run is to be redone in TypeScript: an input NaN read where rounding would have
+   * changed it, or (with exclusion rules) any NaN input or output, whose payload and sign may
+   * differ where NaNs of several models meet.
+   */
   sawNaN(): boolean {
-    return this.track && this.k.sawNaN() !== 0;
+    return (this.track || this.excluded) && this.k.sawNaN() !== 0;
   }
 
   maxInput(): number {

@@ -1,17 +1,20 @@
 /**
- * The fused kernel of generalized task arithmetic with a magnitude or no sparsifier.
+ * The fused kernel of generalized task arithmetic with a magnitude, magnitude-outliers or no
+ * sparsifier.
  *
  * Task vectors, the magnitude top-k, the weighting and the combine, streamed in chunks straight
  * from the stored values (float32, or the bits of BF16 / F16; in memory, or read from a file
  * chunk by chunk), with no task vector, key or mask array per model. Element by element it does
- * the same float32 arithmetic as `taskVector`, `sparsify` ('magnitude' without rescale) and
- * `combineTaskVectors`, in the same order, so the results are identical. The chunk passes run
- * in WebAssembly SIMD (assembly/merge.ts, built by `npm run build:wasm`) where the module is
- * built and the dtypes suit it, in TypeScript otherwise.
+ * the same float32 arithmetic as `taskVector`, `sparsify` ('magnitude' or 'magnitude_outliers',
+ * without rescale) and `combineTaskVectors`, in the same order, so the results are identical.
+ * The chunk passes run in WebAssembly SIMD (assembly/merge.ts, built by `npm run build:wasm`)
+ * where the module is built and the dtypes suit it, in TypeScript otherwise.
  *
  * The top-k keep rule of one model is a threshold key `thr` and an index cut `cut`: element j is
  * kept when key(j) > thr, or key(j) = thr and j < cut (ties by lower flat index, as `topKMask`).
- * Both come from an exact selection over the keys:
+ * Breadcrumbs keeps descending ranks [n_top, k) (`descendingRangeMask`): the top-k keep rule and
+ * the top-n_top rule as an exclusion rule (the elements it selects are dropped), both found by
+ * the same passes over the model's keys. Each rule comes from an exact selection over the keys:
  * - large tensors: a sample of the keys brackets the threshold; one pass counts the keys above
  *   the bracket and lists those inside it, and the selection finishes on that list. When the
  *   bracket misses (or the list overflows), the model falls back to the histogram selection;
@@ -144,113 +147,172 @@ function bracketPass(
   return { above, atHi, atLo, complete };
 }
 
-/** The keep rules of the models with `kKeep.get(m)` elements kept (1 ≤ kKeep < n). */
-function selectRules(kernel: Kernel, n: number, kKeep: ReadonlyMap<number, number>): { rules: Map<number, KeepRule>; bracketed: boolean } {
-  const rules = new Map<number, KeepRule>();
+/** One top-k selection: the keep rule of model `model`'s `k` largest keys (1 ≤ k < n). */
+export interface RankRequest {
+  model: number;
+  k: number;
+}
+
+const tally = { bracket: 0, histogram: 0, rescan: 0 };
+
+/**
+ * How many keep rules this thread's selections have found so far by each way: from the sampled
+ * bracket's pass, from the histograms, and of those the ones whose cut took a scan in index order.
+ */
+export function selectionCounts(): { bracket: number; histogram: number; rescan: number } {
+  return { ...tally };
+}
+
+/**
+ * The keep rules of `requests` (in that order). A model may have several requests (breadcrumbs:
+ * two ranks); each pass over the data reads its keys once for all of them.
+ */
+function selectRules(kernel: Kernel, n: number, requests: readonly RankRequest[]): { rules: KeepRule[]; bracketed: boolean } {
+  const rules: KeepRule[] = new Array(requests.length);
   let bracketed = false;
-  let pending = [...kKeep.keys()];
-  const cap = Math.max(1 << 16, Math.ceil(n / 16));
-  const want = (m: number) => kKeep.get(m)!;
+  // Request indices, those of a model next to each other (the kernels' bracket pass reads them so).
+  let pending = requests.map((_, r) => r).sort((a, b) => requests[a]!.model - requests[b]!.model || a - b);
+  const modelOf = (r: number) => requests[r]!.model;
+  const want = (r: number) => requests[r]!.k;
+  // The models of some requests, in order, and their requests.
+  const modelsOf = (rs: readonly number[]): number[] => [...new Set(rs.map(modelOf))];
+  const byModel = (rs: readonly number[]): Map<number, number[]> => {
+    const map = new Map<number, number[]>();
+    for (const r of rs) map.get(modelOf(r))?.push(r) ?? map.set(modelOf(r), [r]);
+    return map;
+  };
+  // A model's lists together hold at most n/16 pairs per pass (of the bracket, or of the histogram).
+  const perModel = byModel(pending);
+  const cap = (r: number) => Math.max(1 << 16, Math.ceil(n / (16 * perModel.get(modelOf(r))!.length)));
 
   if (n >= SAMPLE_MIN && pending.length) {
     const S = SAMPLE_RUNS * SAMPLE_RUN;
-    const samples = sampleKeys(kernel, n, pending);
-    // The bracket [lo, hi] around the threshold's rank, both ends from one selection per model.
+    const models = modelsOf(pending);
+    const samples = sampleKeys(kernel, n, models);
+    // The bracket [lo, hi] around each threshold's rank; every end of a model's brackets from one
+    // selection over its sample.
     const lo: number[] = [];
     const hi: number[] = [];
-    pending.forEach((m, t) => {
-      const q = (n - want(m)) / n;
-      const w = Math.ceil(SAMPLE_SIGMAS * Math.sqrt(S * q * (1 - q))) + 8;
-      const r = Math.floor(q * S);
-      const ranks = [r - w <= 0 ? 0 : r - w, r + w >= S - 1 ? 0 : r + w];
-      const [a, b] = selectKths(samples[t]!, ranks);
-      lo.push(r - w <= 0 ? 0 : a!);
-      hi.push(r + w >= S - 1 ? 0x7fffffff : b!);
+    models.forEach((m, t) => {
+      const rs = perModel.get(m)!;
+      const ranks: number[] = [];
+      const spans = rs.map((r) => {
+        const q = (n - want(r)) / n;
+        const w = Math.ceil(SAMPLE_SIGMAS * Math.sqrt(S * q * (1 - q))) + 8;
+        const at = Math.floor(q * S);
+        ranks.push(at - w <= 0 ? 0 : at - w, at + w >= S - 1 ? 0 : at + w);
+        return { low: at - w <= 0, high: at + w >= S - 1 };
+      });
+      const ends = selectKths(samples[t]!, ranks);
+      spans.forEach((sp, i) => {
+        lo.push(sp.low ? 0 : ends[2 * i]!);
+        hi.push(sp.high ? 0x7fffffff : ends[2 * i + 1]!);
+      });
     });
-    const lists = pending.map(() => new KeyList(1 << 14, cap));
-    const { above, atHi, atLo, complete } = bracketPass(kernel, n, pending, lo, hi, lists);
+    // `models.flatMap` lists the requests in the order of `pending` (sorted by model).
+    const entries = models.flatMap((m) => perModel.get(m)!);
+    const lists = entries.map((r) => new KeyList(1 << 14, cap(r)));
+    const { above, atHi, atLo, complete } = bracketPass(kernel, n, entries.map(modelOf), lo, hi, lists);
     bracketed = complete;
     const failed: number[] = [];
-    pending.forEach((m, t) => {
+    entries.forEach((r, t) => {
+      const m = modelOf(r);
       const list = lists[t]!;
       const sum = (a: Float64Array) => a.reduce((x, y) => x + y, 0);
-      let need = want(m) - above[t]!;
+      const found = (rule: KeepRule) => {
+        rules[r] = rule;
+        tally.bracket++;
+      };
+      let need = want(r) - above[t]!;
       const nHi = sum(atHi[t]!);
-      if (list.overflow || need < 1) return failed.push(m);
-      if (need <= nHi) return rules.set(m, { thr: hi[t]!, cut: cutAt(kernel, m, hi[t]!, need, atHi[t]!) });
-      if (lo[t] === hi[t]) return failed.push(m);
+      if (list.overflow || need < 1) return failed.push(r);
+      if (need <= nHi) return found({ thr: hi[t]!, cut: cutAt(kernel, m, hi[t]!, need, atHi[t]!) });
+      if (lo[t] === hi[t]) return failed.push(r);
       need -= nHi;
-      if (need <= list.length) return rules.set(m, ruleFromList(list, need));
+      if (need <= list.length) return found(ruleFromList(list, need));
       need -= list.length;
-      if (need <= sum(atLo[t]!)) return rules.set(m, { thr: lo[t]!, cut: cutAt(kernel, m, lo[t]!, need, atLo[t]!) });
-      failed.push(m);
+      if (need <= sum(atLo[t]!)) return found({ thr: lo[t]!, cut: cutAt(kernel, m, lo[t]!, need, atLo[t]!) });
+      failed.push(r);
     });
     pending = failed;
   }
   if (pending.length === 0) return { rules, bracketed };
 
-  // Histogram of the upper 16 bits, then the threshold's bucket.
-  const slot = new Map(pending.map((m, i) => [m, i]));
-  sweep(kernel, n, pending, (m, _start, len) => {
+  // Histogram of the upper 16 bits (one per model), then each threshold's bucket.
+  const models = modelsOf(pending);
+  const requestsOf = byModel(pending);
+  const slot = new Map(models.map((m, i) => [m, i]));
+  const lowSlot = new Map(pending.map((r, i) => [r, i]));
+  sweep(kernel, n, models, (m, _start, len) => {
     kernel.histHigh(len, slot.get(m)!);
     return true;
   });
   const bucket = new Map<number, number>();
   const lessBucket = new Map<number, number>();
-  for (const m of pending) {
+  for (const m of models) {
     const h = kernel.histogram(slot.get(m)!);
-    let rank = n - want(m);
-    let less = 0;
-    let b = 0;
-    while (rank >= h[b]!) {
-      rank -= h[b]!;
-      less += h[b++]!;
+    for (const r of requestsOf.get(m)!) {
+      let rank = n - want(r);
+      let less = 0;
+      let b = 0;
+      while (rank >= h[b]!) {
+        rank -= h[b]!;
+        less += h[b++]!;
+      }
+      bucket.set(r, b);
+      lessBucket.set(r, less);
     }
-    bucket.set(m, b);
-    lessBucket.set(m, less);
   }
-  const lists = new Map(pending.map((m) => [m, new KeyList(1 << 12, cap)]));
-  sweep(kernel, n, pending, (m, start, len) => {
-    kernel.bucket(len, bucket.get(m)!, slot.get(m)!, start, lists.get(m)!);
+  const lists = new Map(pending.map((r) => [r, new KeyList(1 << 12, cap(r))]));
+  sweep(kernel, n, models, (m, start, len) => {
+    for (const r of requestsOf.get(m)!) kernel.bucket(len, bucket.get(r)!, lowSlot.get(r)!, start, lists.get(r)!);
     return true;
   });
   const rescan: number[] = [];
   const tiesLeft = new Map<number, number>();
-  for (const m of pending) {
-    const low = kernel.lowHistogram(slot.get(m)!);
-    let rank = n - want(m) - lessBucket.get(m)!;
-    let less = lessBucket.get(m)!;
+  for (const r of pending) {
+    const low = kernel.lowHistogram(lowSlot.get(r)!);
+    let rank = n - want(r) - lessBucket.get(r)!;
+    let less = lessBucket.get(r)!;
     let l = 0;
     while (rank >= low[l]!) {
       rank -= low[l]!;
       less += low[l++]!;
     }
-    const thr = ((bucket.get(m)! << 16) | l) >>> 0;
+    const thr = ((bucket.get(r)! << 16) | l) >>> 0;
     const greater = n - less - low[l]!;
-    const list = lists.get(m)!;
+    const list = lists.get(r)!;
+    tally.histogram++;
     if (!list.overflow) {
       let inListAbove = 0;
       for (let i = 0; i < list.length; i++) if (list.pairs[2 * i + 1]! >>> 0 > thr) inListAbove++;
-      rules.set(m, ruleFromList(list, want(m) - greater + inListAbove));
+      rules[r] = ruleFromList(list, want(r) - greater + inListAbove);
     } else {
-      rules.set(m, { thr, cut: n });
-      tiesLeft.set(m, want(m) - greater);
-      rescan.push(m);
+      rules[r] = { thr, cut: n };
+      tiesLeft.set(r, want(r) - greater);
+      rescan.push(r);
     }
   }
   if (rescan.length) {
     // The index of the last tie kept, by a scan in index order.
-    sweep(kernel, n, rescan, (m, start, len) => {
-      let left = tiesLeft.get(m)!;
-      const rule = rules.get(m)!;
-      for (let j = 0; j < len; j++) {
-        if (kernel.key(j) === rule.thr && --left === 0) {
-          rule.cut = start + j + 1;
-          break;
+    const rescanOf = byModel(rescan);
+    sweep(kernel, n, modelsOf(rescan), (m, start, len) => {
+      let more = false;
+      for (const r of rescanOf.get(m)!) {
+        let left = tiesLeft.get(r)!;
+        if (left === 0) continue;
+        const rule = rules[r]!;
+        for (let j = 0; j < len; j++) {
+          if (kernel.key(j) === rule.thr && --left === 0) {
+            rule.cut = start + j + 1;
+            tally.rescan++;
+            break;
+          }
         }
+        tiesLeft.set(r, left);
+        more ||= left > 0;
       }
-      tiesLeft.set(m, left);
-      return left > 0;
+      return more;
     });
   }
   return { rules, bracketed };
@@ -273,15 +335,17 @@ function inMemory(v: StoredValues): MemoryValues {
 }
 
 /**
- * The merge of generalized task arithmetic with a magnitude or no sparsifier, without rescale,
- * in one streaming kernel (see above). Writes `o.out`; returns nothing.
+ * The merge of generalized task arithmetic with a magnitude, magnitude-outliers or no
+ * sparsifier, without rescale, in one streaming kernel (see above). Writes `o.out`; returns
+ * nothing.
  */
 export function fusedGta(o: FusedGtaOptions): void {
   const n = storedLength(o.base);
   for (const m of o.models) if (storedLength(m.values) !== n) throw new RangeError('fusedGta: inputs differ in length');
   if (o.out.data.length !== n) throw new RangeError('fusedGta: output length differs');
-  // Zeroed task vectors add nothing anywhere: +0 + (±0) = +0 and ±0 never agrees with a sign.
-  const active = o.models.filter((m) => m.keep !== 0);
+  // Zeroed task vectors add nothing anywhere: +0 + (±0) = +0 and ±0 never agrees with a sign. (A
+  // breadcrumbs model keeping nothing is no zeroed task vector: NaN and ±Inf times 0 give NaN.)
+  const active = o.models.filter((m) => m.keep !== 0 || m.drop !== undefined);
   const inputs = [o.base, ...active.map((m) => m.values)];
   const state = n > 0 && wasmDtypesFit(inputs, o.out.dtype) && inputs.every((v) => !('data' in v) || (v.data.byteOffset & 3) === 0) ? mergeWasm() : null;
   if (state) {
@@ -295,23 +359,47 @@ export function fusedGta(o: FusedGtaOptions): void {
   runFused(new JsKernel(mem[0]!, mem.slice(1), o.out), n, active, o);
 }
 
+/** A key no magnitude key is above: as a keep rule it keeps nothing, as an exclusion rule it drops nothing. */
+const NO_KEY = 0x7fffffff;
+
 function runFused(kernel: Kernel, n: number, active: readonly FusedGtaModel[], o: FusedGtaOptions): void {
   const M = active.length;
-  // Keep rules: thr = -1 keeps everything.
+  // Keep rules: thr = -1 keeps everything. Exclusion rules: thr = NO_KEY (and cut 0) drops nothing.
   const thr = new Float64Array(M).fill(-1);
   const cut = new Float64Array(M);
-  const kKeep = new Map<number, number>();
+  const dropThr = new Float64Array(M).fill(NO_KEY);
+  const dropCut = new Float64Array(M);
+  const requests: RankRequest[] = [];
+  const isDrop: boolean[] = [];
+  // Whether every model's inputs are read by the selection (each has a top-k to find).
+  let everySelected = true;
   active.forEach((m, i) => {
-    if (m.keep !== null) kKeep.set(i, m.keep);
+    const before = requests.length;
+    if (m.keep === 0) thr[i] = NO_KEY; // breadcrumbs keeping nothing (cut 0: no tie kept either)
+    else if (m.keep !== null) {
+      requests.push({ model: i, k: m.keep });
+      isDrop.push(false);
+    }
+    if (m.drop) {
+      requests.push({ model: i, k: m.drop });
+      isDrop.push(true);
+    }
+    if (requests.length === before) everySelected = false;
   });
   let bracketed = false;
-  if (kKeep.size) {
-    const selected = selectRules(kernel, n, kKeep);
+  if (requests.length) {
+    const selected = selectRules(kernel, n, requests);
     bracketed = selected.bracketed;
-    for (const [m, rule] of selected.rules) {
-      thr[m] = rule.thr;
-      cut[m] = rule.cut;
-    }
+    selected.rules.forEach((rule, r) => {
+      const m = requests[r]!.model;
+      if (isDrop[r]) {
+        dropThr[m] = rule.thr;
+        dropCut[m] = rule.cut;
+      } else {
+        thr[m] = rule.thr;
+        cut[m] = rule.cut;
+      }
+    });
   }
   // The bracket pass read every input when every model has a top-k: if their magnitudes stay
   // below 2^126, each task vector is below 2^127 (finite), and the weighted values are finite
@@ -319,11 +407,14 @@ function runFused(kernel: Kernel, n: number, active: readonly FusedGtaModel[], o
   // the masked combine computes those exactly as the general one.)
   let maxWeight = 0;
   for (const m of active) maxWeight = Math.max(maxWeight, Math.abs(Math.fround(m.weight)));
-  const maxIn = bracketed && kKeep.size === M ? kernel.maxInput() : Infinity;
+  const maxIn = bracketed && everySelected ? kernel.maxInput() : Infinity;
   const finite = maxIn < 2 ** 126 && maxWeight * 2 * maxIn < FLT_MAX;
   const settings: CombineSettings = {
     thr,
     cut,
+    exclude: active.some((m) => m.drop !== undefined),
+    dropThr,
+    dropCut,
     weights: active.map((m) => Math.fround(m.weight)),
     consensus: o.consensus === 'sum',
     normalize: o.normalize,

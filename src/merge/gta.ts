@@ -282,7 +282,26 @@ export function gtaVariantOf(method: MergeMethod): GtaVariant | undefined {
 
 /** Whether the fused kernel computes this variant with this `rescale` setting. */
 export function fusedApplies(v: GtaVariant, rescale: unknown): boolean {
-  return v.sparsification === null || (v.sparsification === 'magnitude' && rescale === false);
+  return v.sparsification === null || ((v.sparsification === 'magnitude' || v.sparsification === 'magnitude_outliers') && rescale === false);
+}
+
+/**
+ * The fused kernel's keep and drop counts of breadcrumbs for density < 1 (`magnitudeOutliersMask`
+ * over n values): ranks [drop, keep) of the magnitudes, in the same arithmetic and with the same
+ * comparisons as `descendingRangeMask`, so that any density and gamma (NaN included) give its mask.
+ */
+function outliersRange(n: number, density: number, gamma: number): { keep: number | null; drop: number } {
+  const target = Math.trunc(density * n);
+  let nTop = Math.trunc(gamma * n);
+  let nBot = n - target - nTop;
+  if (nBot < 0) {
+    nTop += nBot;
+    nBot = 0;
+  }
+  const from = Math.max(0, nTop);
+  const to = Math.min(n, n - nBot);
+  if (to <= from) return { keep: 0, drop: 0 };
+  return { keep: to < n ? to : null, drop: from > 0 ? from : 0 };
 }
 
 /** One input of `fusedMerge`. */
@@ -295,7 +314,7 @@ export interface StoredInput {
 /**
  * Merges stored inputs with a GTA variant through the fused kernel into `out`, with the checks,
  * warnings and errors of the method's `merge`. Returns false, having done nothing, where the
- * kernel does not apply: another sparsifier, rescale, no base among the inputs, no other model,
+ * kernel does not apply: a random sparsifier, rescale, no base among the inputs, no other model,
  * or inputs whose shapes differ from the base's.
  */
 export function fusedMerge(
@@ -323,10 +342,17 @@ export function fusedMerge(
   const models: FusedGtaModel[] = [];
   for (const x of others) {
     let keep: number | null = null;
+    let drop: number | undefined;
     if (v.sparsification) {
+      // Read and checked in the unfused pipeline's order: density, gamma, then the weight.
       const density = modelNumber(c, x.model, 'density');
       checkDensity(density, ctx.tensorName, x.model);
-      if (density < 1) {
+      if (v.sparsification === 'magnitude_outliers') {
+        const gamma = modelNumber(c, x.model, 'gamma');
+        // `sparsify` leaves the task vector as it is at density ≥ 1, whatever gamma.
+        drop = 0;
+        if (density < 1) ({ keep, drop } = outliersRange(n, density, gamma));
+      } else if (density < 1) {
         keep = Math.trunc(density * n);
         if (keep <= 0) {
           ctx.warn?.(zeroedWarning(ctx.tensorName, x.model, density, n));
@@ -334,7 +360,7 @@ export function fusedMerge(
         }
       }
     }
-    models.push({ values: x.values, weight: modelNumber(c, x.model, 'weight'), keep });
+    models.push({ values: x.values, weight: modelNumber(c, x.model, 'weight'), keep, ...(drop !== undefined ? { drop } : {}) });
   }
   fusedGta({
     base: base.values,
