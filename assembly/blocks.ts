@@ -206,3 +206,31 @@ export function maskedDelta(px: usize, pb: usize, pmask: usize, n: i32, scale: f
   }
   return v128.any_true(nan) ? 1 : 0;
 }
+
+/**
+ * DELLA keep-mask draws: as `bernoulliFill` with a threshold per value, the float32 probability at
+ * `pprob` times 2³² clamped to [0, 2³²] (NaN: not kept), as `Rng.fillBernoulliEach`.
+ */
+export function bernoulliEach(pstate: usize, pprob: usize, pout: usize, n: i32): void {
+  let s0 = load<u32>(pstate);
+  let s1 = load<u32>(pstate, 4);
+  let s2 = load<u32>(pstate, 8);
+  let s3 = load<u32>(pstate, 12);
+  for (let i = 0; i < n; i++) {
+    const r = rotl<u32>(s1 * 5, 7) * 9;
+    const t = s1 << 9;
+    s2 ^= s0;
+    s3 ^= s1;
+    s1 ^= s2;
+    s0 ^= s3;
+    s2 ^= t;
+    s3 = rotl<u32>(s3, 11);
+    const p = <f64>load<f32>(pprob + (<usize>i << 2)) * 4294967296.0;
+    const threshold = p < 0 ? 0 : p > 4294967296.0 ? 4294967296.0 : p;
+    store<u8>(pout + <usize>i, <f64>r < threshold ? 1 : 0);
+  }
+  store<u32>(pstate, s0);
+  store<u32>(pstate, s1, 4);
+  store<u32>(pstate, s2, 8);
+  store<u32>(pstate, s3, 12);
+}

@@ -10,7 +10,7 @@ import { closeSync, openSync, writeSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
-import { blockKernelsAvailable, fillBernoulliWasm, useBlockKernels } from '../src/merge/blocks-wasm.js';
+import { blockKernelsAvailable, fillBernoulliEachWasm, fillBernoulliWasm, useBlockKernels } from '../src/merge/blocks-wasm.js';
 import { computeTensor, type ComputeInput, type ComputeTask } from '../src/merge/worker.js';
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, type FloatDType } from '../src/tensor/dtype.js';
 import { Rng } from '../src/tensor/rng.js';
@@ -21,7 +21,7 @@ after(() => rm(root, { recursive: true, force: true }));
 type Stored = 'F32' | 'BF16' | 'F16';
 
 interface Case {
-  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear';
+  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear' | 'della' | 'della_linear';
   n: number;
   /** Default [n]. */
   shape?: number[];
@@ -79,7 +79,7 @@ function task(c: Case, inputs: ComputeInput[]): ComputeTask {
     computeDtype: c.computeDtype,
     outDtype: c.outDtype,
     outShape: c.shape ?? [c.n],
-    seed: c.method.startsWith('dare') ? 1234 : null,
+    seed: c.method.startsWith('dare') || c.method.startsWith('della') ? 1234 : null,
   };
 }
 
@@ -183,6 +183,21 @@ cases.push(
   { method: 'dare_linear', n: 70_003, models: 4, dtype: 'F16', outDtype: 'BF16', computeDtype: 'F16', specials: false, params: dareParams(4, true, true) },
 );
 
+const dellaParams = (models: number, rescale: boolean, normalize: boolean) => ({
+  global: { rescale, normalize, lambda: 1, int8_mask: false },
+  perModel: Object.fromEntries(
+    Array.from({ length: models }, (_, k) => [`m${k}`, k === 0 ? {} : { weight: [1, 0.8, -0.5, 0.6][k % 4], density: [0.5, 0.4, 1, 0, 0.6][k % 5], epsilon: 0.1 }]),
+  ),
+});
+cases.push(
+  { method: 'della', n: 64 * 1000, shape: [64, 1000], models: 4, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: dellaParams(4, true, true) },
+  { method: 'della', n: 3 * 70_001, shape: [3, 70_001], models: 3, dtype: 'BF16', outDtype: 'BF16', computeDtype: 'BF16', specials: true, params: dellaParams(3, true, true) },
+  { method: 'della_linear', n: 5_000, models: 3, dtype: 'F32', outDtype: 'F32', computeDtype: null, specials: true, params: dellaParams(3, false, false) },
+  { method: 'della_linear', n: 20 * 300, shape: [20, 300], models: 6, dtype: 'F16', outDtype: 'BF16', computeDtype: 'F16', specials: false, params: dellaParams(6, true, false) },
+  // Rows of a 3-D tensor are strided: the chunked path declines and the plain one merges.
+  { method: 'della', n: 4 * 5 * 6, shape: [4, 5, 6], models: 3, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: dellaParams(3, true, true) },
+);
+
 cases.forEach((c, k) => {
   test(`${c.method} chunked equals the plain path: ${c.dtype} → ${c.outDtype}, dtype ${c.computeDtype ?? 'none'}, n=${c.n}, ${c.models} models${c.specials ? ', NaN/Inf/−0' : ''}`, () => {
     check(c, 100 + k);
@@ -220,6 +235,20 @@ test('model_stock chunked: a zero denominator gives the base and the same single
   assert.deepEqual(chunked.warnings, plain.warnings);
   assert.ok(bytesOf(plain).equals(bytesOf(chunked)));
   assert.equal(new Float32Array(chunked.bytes.slice().buffer)[5], 0.25);
+});
+
+test('fillBernoulliEachWasm draws the same marks as Rng.fillBernoulliEach and leaves the same state', { skip: !blockKernelsAvailable() && 'block kernels not built (npm run build:wasm)' }, () => {
+  const rng = new Rng(9);
+  const n = (1 << 20) + 4321;
+  const p = Float32Array.from({ length: n }, (_, i) => [rng.next(), -0.5, 1.5, NaN, 0, 1][i % 6]!);
+  const a = new Rng(11);
+  const b = new Rng(11);
+  const want = new Uint8Array(n);
+  const got = new Uint8Array(n);
+  a.fillBernoulliEach(want, p);
+  assert.equal(fillBernoulliEachWasm(b, got, p), true);
+  assert.ok(Buffer.from(want).equals(Buffer.from(got)));
+  assert.equal(a.nextU32(), b.nextU32());
 });
 
 test('fillBernoulliWasm draws the same marks as Rng.fillBernoulli and leaves the same state', { skip: !blockKernelsAvailable() && 'block kernels not built (npm run build:wasm)' }, () => {

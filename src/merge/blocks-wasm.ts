@@ -20,6 +20,7 @@ interface BlockExports {
   lerpBlock(p0: number, p1: number, n: number, a: number, b: number, flags: number, pout: number): number;
   sumsBlock(p0: number, p1: number, n: number, psums: number, flags: number): void;
   bernoulliFill(pstate: number, pout: number, n: number, threshold: number): void;
+  bernoulliEach(pstate: number, pprob: number, pout: number, n: number): void;
   l1Masked(px: number, pb: number, pmask: number, n: number, psums: number, flags: number): void;
   maskedDelta(px: number, pb: number, pmask: number, n: number, scale: number, flags: number, pout: number): number;
 }
@@ -205,6 +206,31 @@ export function fillBernoulliWasm(rng: Rng, out: Uint8Array, threshold: number):
   for (let start = 0; start < out.length; start += DRAW_BLOCK) {
     const len = Math.min(DRAW_BLOCK, out.length - start);
     s.exports.bernoulliFill(pstate, pout, len, t);
+    out.set(new Uint8Array(mem, pout, len), start);
+  }
+  rng.loadState(state);
+  return true;
+}
+
+/**
+ * `rng.fillBernoulliEach(out, probability)` in WebAssembly: the same draws and marks, and `rng`
+ * left at the same state. False, having drawn nothing, where the kernels are not available.
+ */
+export function fillBernoulliEachWasm(rng: Rng, out: Uint8Array, probability: Float32Array): boolean {
+  const s = blockWasm();
+  if (!s || probability.length !== out.length) return false;
+  const pstate = BASE;
+  const pprob = BASE + 16;
+  const block = Math.min(DRAW_BLOCK, out.length);
+  const pout = pprob + block * 4;
+  const mem = memoryFor(s, pout + block);
+  if (!mem) return false;
+  const state = new Uint32Array(mem, pstate, 4);
+  rng.saveState(state);
+  for (let start = 0; start < out.length; start += DRAW_BLOCK) {
+    const len = Math.min(DRAW_BLOCK, out.length - start);
+    new Float32Array(mem, pprob, len).set(probability.subarray(start, start + len));
+    s.exports.bernoulliEach(pstate, pprob, pout, len);
     out.set(new Uint8Array(mem, pout, len), start);
   }
   rng.loadState(state);

@@ -1,8 +1,8 @@
 /** DARE (linear): Bernoulli(density) keep-mask per task vector with L1 rescale, plain weighted sum. */
 import { makeGtaMethod } from '../gta.js';
-import { withChunkedDare } from '../random-chunked.js';
+import { withChunkedRandom } from '../random-chunked.js';
 
-export const dareLinear = withChunkedDare(
+export const dareLinear = withChunkedRandom(
   makeGtaMethod({
     name: 'dare_linear',
     prettyName: 'Linear DARE',

@@ -1,8 +1,8 @@
 /** DARE TIES: Bernoulli(density) keep-mask with L1 rescale, then TIES sign election. */
 import { makeGtaMethod } from '../gta.js';
-import { withChunkedDare } from '../random-chunked.js';
+import { withChunkedRandom } from '../random-chunked.js';
 
-export const dareTies = withChunkedDare(
+export const dareTies = withChunkedRandom(
   makeGtaMethod({
     name: 'dare_ties',
     prettyName: 'DARE TIES',
