@@ -278,7 +278,11 @@ test('multislerp equals the formula with whole task vectors held, bit for bit, o
   const reference = (xsIn: Float32Array[], base: Float32Array | undefined, weights: number[], eps: number): Float32Array => {
     const xs = xsIn.map((t) => (base ? t.map((v, i) => v - base[i]!) : t));
     const n = xs[0]!.length;
-    const norm = (a: ArrayLike<number>) => Math.sqrt(Array.prototype.reduce.call(a, (s: number, v: number) => s + v * v, 0) as number);
+    const norm = (a: ArrayLike<number>) => {
+      let s = 0;
+      for (let i = 0; i < a.length; i++) s += a[i]! * a[i]!;
+      return Math.sqrt(s);
+    };
     const norms = xs.map(norm);
     const inv = norms.map((v) => 1 / (v + eps));
     const mean = new Float64Array(n);

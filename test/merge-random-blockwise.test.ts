@@ -238,7 +238,7 @@ test('keep-mask probabilities outside [0, 1] mark 0 or 1 only', () => {
 test('DELLA keep probabilities from the WebAssembly ranking equal the TypeScript ones', { skip: !wasmKernelsAvailable() && 'WebAssembly kernels not built' }, () => {
   const rng = new Rng(21);
   for (const [shape, ties] of [[[64, 300], false], [[3, 70000], false], [[200, 1], false], [[1, 1], false], [[50, 128], true], [[4000], true], [[6, 5, 4], false]] as const) {
-    const n = shape.reduce((a, b) => a * b, 1);
+    const n = (shape as readonly number[]).reduce((a, b) => a * b, 1);
     // With ties: few distinct magnitudes, zeros and both signs, so ranks follow the index order.
     const delta = Float32Array.from({ length: n }, () => (ties ? (rng.int(5) - 2) * 0.25 : rng.normal() * 0.01));
     if (!ties && n > 10) {
