@@ -21,7 +21,7 @@ after(() => rm(root, { recursive: true, force: true }));
 type Stored = 'F32' | 'BF16' | 'F16';
 
 interface Case {
-  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear' | 'della' | 'della_linear';
+  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear' | 'della' | 'della_linear' | 'sce';
   n: number;
   /** Default [n]. */
   shape?: number[];
@@ -196,6 +196,17 @@ cases.push(
   { method: 'della_linear', n: 20 * 300, shape: [20, 300], models: 6, dtype: 'F16', outDtype: 'BF16', computeDtype: 'F16', specials: false, params: dellaParams(6, true, false) },
   // Rows of a 3-D tensor are strided: the chunked path declines and the plain one merges.
   { method: 'della', n: 4 * 5 * 6, shape: [4, 5, 6], models: 3, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: dellaParams(3, true, true) },
+);
+
+const sceParams = (models: number, topk: number) => ({
+  global: { select_topk: topk, int8_mask: false },
+  perModel: Object.fromEntries(Array.from({ length: models }, (_, k) => [`m${k}`, {}])),
+});
+cases.push(
+  { method: 'sce', n: 70_001, models: 4, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: sceParams(4, 1) },
+  { method: 'sce', n: 70_001, models: 4, dtype: 'BF16', outDtype: 'BF16', computeDtype: 'BF16', specials: true, params: sceParams(4, 0.3) },
+  { method: 'sce', n: 9_001, models: 3, dtype: 'F32', outDtype: 'F32', computeDtype: null, specials: false, params: sceParams(3, 0) },
+  { method: 'sce', n: (1 << 20) + 17, models: 3, dtype: 'F16', outDtype: 'BF16', computeDtype: null, specials: false, params: sceParams(3, 0.5) },
 );
 
 cases.forEach((c, k) => {
