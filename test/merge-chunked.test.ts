@@ -21,7 +21,7 @@ after(() => rm(root, { recursive: true, force: true }));
 type Stored = 'F32' | 'BF16' | 'F16';
 
 interface Case {
-  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear' | 'della' | 'della_linear' | 'sce';
+  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear' | 'della' | 'della_linear' | 'sce' | 'ram' | 'ramplus_tl';
   n: number;
   /** Default [n]. */
   shape?: number[];
@@ -207,6 +207,16 @@ cases.push(
   { method: 'sce', n: 70_001, models: 4, dtype: 'BF16', outDtype: 'BF16', computeDtype: 'BF16', specials: true, params: sceParams(4, 0.3) },
   { method: 'sce', n: 9_001, models: 3, dtype: 'F32', outDtype: 'F32', computeDtype: null, specials: false, params: sceParams(3, 0) },
   { method: 'sce', n: (1 << 20) + 17, models: 3, dtype: 'F16', outDtype: 'BF16', computeDtype: null, specials: false, params: sceParams(3, 0.5) },
+);
+
+const ramParams = (models: number, plus: boolean) => ({
+  global: plus ? { epsilon: 0.02, r: 0.1, alpha: 0.2 } : { epsilon: 0.02 },
+  perModel: Object.fromEntries(Array.from({ length: models }, (_, k) => [`m${k}`, {}])),
+});
+cases.push(
+  { method: 'ram', n: 70_001, models: 4, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: true, params: ramParams(4, false) },
+  { method: 'ramplus_tl', n: 70_001, models: 4, dtype: 'BF16', outDtype: 'BF16', computeDtype: 'BF16', specials: false, params: ramParams(4, true) },
+  { method: 'ramplus_tl', n: 9_003, models: 3, dtype: 'F32', outDtype: 'F32', computeDtype: null, specials: true, params: ramParams(3, true) },
 );
 
 cases.forEach((c, k) => {

@@ -5,8 +5,9 @@
 import { copyOf, output, splitBase } from '../common.js';
 import { globalNumber } from '../params.js';
 import { requireSameShape } from '../tensor-ops.js';
-import type { MergeContext, MergeMethod, MergeOutput } from '../types.js';
-import { ramMerge } from './ram.js';
+import { sameLayout, splitChunked } from '../chunked.js';
+import type { ChunkedInput, ChunkWriter, MergeContext, MergeMethod, MergeOutput } from '../types.js';
+import { ramChunked, ramMerge } from './ram.js';
 
 export const ramplusTl: MergeMethod = {
   name: 'ramplus_tl',
@@ -27,5 +28,14 @@ export const ramplusTl: MergeMethod = {
     requireSameShape([base!, ...others], ctx.tensorName, 'ramplus_tl');
     const plus = { r: globalNumber(ctx, 'r'), alpha: globalNumber(ctx, 'alpha') };
     return output(ramMerge(base!, others, globalNumber(ctx, 'epsilon'), plus), base!.shape);
+  },
+
+  mergeChunked(ctx: Omit<MergeContext, 'inputs'>, inputs: readonly ChunkedInput[], out: ChunkWriter): boolean {
+    const split = splitChunked(ctx.base, inputs);
+    if (!split || split.others.length === 0 || !sameLayout(inputs, out.length)) return false;
+    const c = { ...ctx, inputs: [] };
+    const plus = { r: globalNumber(c, 'r'), alpha: globalNumber(c, 'alpha') };
+    ramChunked(split.base, split.others, globalNumber(c, 'epsilon'), plus, out);
+    return true;
   },
 };
