@@ -21,7 +21,7 @@ after(() => rm(root, { recursive: true, force: true }));
 type Stored = 'F32' | 'BF16' | 'F16';
 
 interface Case {
-  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear' | 'della' | 'della_linear' | 'sce' | 'ram' | 'ramplus_tl';
+  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear' | 'della' | 'della_linear' | 'sce' | 'ram' | 'ramplus_tl' | 'multislerp';
   n: number;
   /** Default [n]. */
   shape?: number[];
@@ -217,6 +217,16 @@ cases.push(
   { method: 'ram', n: 70_001, models: 4, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: true, params: ramParams(4, false) },
   { method: 'ramplus_tl', n: 70_001, models: 4, dtype: 'BF16', outDtype: 'BF16', computeDtype: 'BF16', specials: false, params: ramParams(4, true) },
   { method: 'ramplus_tl', n: 9_003, models: 3, dtype: 'F32', outDtype: 'F32', computeDtype: null, specials: true, params: ramParams(3, true) },
+);
+
+const multislerpParams = (models: number, normalize: boolean) => ({
+  global: { normalize_weights: normalize, eps: 1e-8 },
+  perModel: Object.fromEntries(Array.from({ length: models }, (_, k) => [`m${k}`, { weight: [1, 0.8, 0.5, 1.3][k % 4] }])),
+});
+cases.push(
+  { method: 'multislerp', n: 70_001, models: 4, base: 'm0', dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: multislerpParams(4, true) },
+  { method: 'multislerp', n: 9_001, models: 3, base: null, dtype: 'F32', outDtype: 'F32', computeDtype: null, specials: false, params: multislerpParams(3, false) },
+  { method: 'multislerp', n: 20_000, models: 3, base: 'm2', dtype: 'F16', outDtype: 'BF16', computeDtype: 'BF16', specials: false, params: multislerpParams(3, true) },
 );
 
 cases.forEach((c, k) => {
