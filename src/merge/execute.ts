@@ -11,7 +11,11 @@
  *   them straight into its kernel memory and writes the result into a shared buffer; otherwise
  *   they are read whole into reused buffers (`stored`). Buffers are pooled by size, so tensors
  *   of recurring shapes reuse memory that is already paged in.
- * - Streamed inputs (`planStreamedReads`): each worker gets up to three tasks at once and reads
+ * - Methods with `mergeChunked` (linear, the slerp family, DARE, DELLA, sce, ram, ...) skip
+ *   float32 inputs too: with the inputs in files (`streamed`), the worker reads each a window at
+ *   a time into a reused buffer and merges block by block (`chunked.ts`), with no read-ahead
+ *   areas or direct reads; otherwise the inputs are read whole into reused buffers (`stored`).
+ * - Streamed inputs of the fused kernel (`planStreamedReads`): each worker gets up to three tasks at once and reads
  *   the next ones' inputs, once and whole, into two areas of its kernel memory while it merges
  *   the current one (`prefetch.ts`); tensors too large for an area are read into a third, big
  *   area of the first worker when their files are out of the page cache and the budget allows,
@@ -19,7 +23,7 @@
  *   read with O_DIRECT. The areas are set aside from the budget.
  * - Memory is bounded by admission control. Each tensor has a cost: (inputs + 3) × its float32
  *   size (the inputs, the result, its encoded form and one scratch array), or what the fused
- *   paths hold (`storedCost`, `streamedCost`). A tensor starts only when the costs of the tensors
+ *   and chunked paths hold (`storedCost`, `streamedCost`, `chunkedCost`). A tensor starts only when the costs of the tensors
  *   in flight plus its own stay within the budget, or when nothing is in flight; idle pooled
  *   buffers are dropped to keep them within the budget too. Tensors start costliest first, so the
  *   largest ones overlap each other and small ones fill in at the end. The default budget is the
@@ -394,6 +398,25 @@ function rawCost(t: PlannedTensor): number {
   return bytes;
 }
 
+/**
+ * Resident bytes of a tensor merged block by block (`mergeChunked`): the output as stored, plus
+ * what the methods hold whole: a byte per value and model for DARE's and DELLA's masks, and up
+ * to 8 bytes per value besides (multislerp's float64 mean direction, DELLA's probabilities with
+ * a mask, sce's variances and selection), never more than `tensorCost`. The read windows and
+ * blocks are small and fixed.
+ */
+function chunkedCost(t: PlannedTensor): number {
+  const n = numel(t.shape);
+  return Math.min((byteSize(t.dtype, n) ?? 4 * n) + (t.inputs.length + 8) * n, tensorCost(t));
+}
+
+/** The stored bytes of a tensor's inputs. */
+function inputBytes(t: PlannedTensor): number {
+  let bytes = 0;
+  for (const i of t.inputs) bytes += byteSize(i.dtype, numel(i.shape)) ?? 4 * numel(i.shape);
+  return bytes;
+}
+
 /** Bytes of a streamed tensor's inputs read whole, as `InputPrefetcher` lays them out. */
 function residentNeed(t: PlannedTensor): number {
   return t.inputs.length * slotBytes(numel(t.shape) * (byteSize(t.inputs[0]!.dtype, 1) ?? 4));
@@ -584,7 +607,17 @@ export async function executeMerge(plan: MergePlan, outDir: string, opts: Execut
     }
   }
   const cost = (t: PlannedTensor) =>
-    streamed.has(t.index) ? streamedCost(t) : stored.has(t.index) ? storedCost(t) : raw.has(t.index) ? rawCost(t) : tensorCost(t);
+    streamed.has(t.index)
+      ? chunkedMethod
+        ? chunkedCost(t)
+        : streamedCost(t)
+      : stored.has(t.index)
+        ? chunkedMethod
+          ? Math.min(inputBytes(t) + chunkedCost(t), rawCost(t))
+          : storedCost(t)
+        : raw.has(t.index)
+          ? rawCost(t)
+          : tensorCost(t);
   const locate = (i: { model: string; tensor: string }) => (sources.get(i.model) as RawIntoSource).locate(i.tensor)!;
   // Direct reads and read-ahead areas serve the fused kernel only.
   const io = planStreamedReads(plan, chunkedMethod ? new Set() : streamed, locate, budget, pool ? jobs : 0, opts.directReads ?? 'auto');
