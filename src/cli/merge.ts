@@ -66,7 +66,7 @@ export function registerMerge(program: Command): void {
     .addOption(
       new Option(
         '--direct-reads <when>',
-        'read input files past the page cache (O_DIRECT, Linux): auto = files mostly not cached; always; never. AMALGAM_DIRECT_IO=0 turns direct I/O off',
+        'read the input files of the fused task_arithmetic / ties / breadcrumbs kernel past the page cache (O_DIRECT, Linux): auto = files mostly not cached; always; never. AMALGAM_DIRECT_IO=0 turns direct I/O off',
       )
         .choices(['auto', 'always', 'never'])
         .default('auto'),
