@@ -21,7 +21,7 @@ after(() => rm(root, { recursive: true, force: true }));
 type Stored = 'F32' | 'BF16' | 'F16';
 
 interface Case {
-  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear' | 'della' | 'della_linear' | 'sce' | 'ram' | 'ramplus_tl' | 'multislerp';
+  method: 'linear' | 'slerp' | 'nearswap' | 'model_stock' | 'nuslerp' | 'dare_ties' | 'dare_linear' | 'della' | 'della_linear' | 'sce' | 'ram' | 'ramplus_tl' | 'multislerp' | 'arcee_fusion';
   n: number;
   /** Default [n]. */
   shape?: number[];
@@ -227,6 +227,13 @@ cases.push(
   { method: 'multislerp', n: 70_001, models: 4, base: 'm0', dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: multislerpParams(4, true) },
   { method: 'multislerp', n: 9_001, models: 3, base: null, dtype: 'F32', outDtype: 'F32', computeDtype: null, specials: false, params: multislerpParams(3, false) },
   { method: 'multislerp', n: 20_000, models: 3, base: 'm2', dtype: 'F16', outDtype: 'BF16', computeDtype: 'BF16', specials: false, params: multislerpParams(3, true) },
+);
+
+const noParams = (models: number) => ({ global: {}, perModel: Object.fromEntries(Array.from({ length: models }, (_, k) => [`m${k}`, {}])) });
+cases.push(
+  { method: 'arcee_fusion', n: 64 * 1000, shape: [64, 1000], models: 2, dtype: 'BF16', outDtype: 'BF16', computeDtype: null, specials: false, params: noParams(2) },
+  { method: 'arcee_fusion', n: 3 * 7000, shape: [3, 7000], models: 2, dtype: 'F32', outDtype: 'BF16', computeDtype: 'BF16', specials: true, params: noParams(2) },
+  { method: 'arcee_fusion', n: 999, models: 2, dtype: 'F16', outDtype: 'F16', computeDtype: null, specials: false, params: noParams(2) },
 );
 
 cases.forEach((c, k) => {

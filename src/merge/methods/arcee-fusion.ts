@@ -4,8 +4,9 @@
  */
 import { AmalgamError } from '../../errors.js';
 import { copyOf, output, splitBase } from '../common.js';
+import { CHUNK_VALUES, sameLayout, splitChunked, WINDOW_VALUES } from '../chunked.js';
 import { orderStatistics, rectifyEmbedShapes } from '../tensor-ops.js';
-import type { MergeContext, MergeMethod, MergeOutput, ResolvedParams, ValidateContext } from '../types.js';
+import type { ChunkedInput, ChunkWriter, MergeContext, MergeMethod, MergeOutput, ResolvedParams, ValidateContext } from '../types.js';
 
 const SOFTMAX_EPS = 1e-8;
 
@@ -16,10 +17,17 @@ const SOFTMAX_EPS = 1e-8;
 export function fusionImportance(a: Float32Array, b: Float32Array, shape: readonly number[]): Float32Array {
   const n = a.length;
   const len = shape.length === 0 ? n : shape[shape.length - 1];
-  const rows = len === 0 ? 0 : n / len;
   const imp = new Float32Array(n);
-  const ea = new Float64Array(len);
-  const eb = new Float64Array(len);
+  importanceRows(a, b, n, len, imp, new Float64Array(len), new Float64Array(len));
+  return imp;
+}
+
+/**
+ * The importance of `count` values (whole rows of `len`) of a and b into `imp`; `ea` and `eb`
+ * hold `len` values of scratch.
+ */
+function importanceRows(a: Float32Array, b: Float32Array, count: number, len: number, imp: Float32Array, ea: Float64Array, eb: Float64Array): void {
+  const rows = len === 0 ? 0 : count / len;
   for (let r = 0; r < rows; r++) {
     const start = r * len;
     let maxA = -Infinity;
@@ -42,7 +50,6 @@ export function fusionImportance(a: Float32Array, b: Float32Array, shape: readon
     }
     for (let j = start; j < start + len; j++) imp[j] = Math.abs(b[j] - a[j]) * kl;
   }
-  return imp;
 }
 
 /** median + 1.5·(q3 − q1), with exact quantiles at ⌊q·(n − 1)⌋ of the ascending order. */
@@ -92,5 +99,40 @@ export const arceeFusion: MergeMethod = {
     const out = new Float32Array(n);
     for (let i = 0; i < n; i++) out[i] = importance[i] >= threshold ? b[i] : a[i];
     return output(out, ra.shape);
+  },
+
+  mergeChunked(ctx: Omit<MergeContext, 'inputs'>, inputs: readonly ChunkedInput[], out: ChunkWriter): boolean {
+    const split = splitChunked(ctx.base, inputs);
+    if (!split || split.others.length !== 1 || !sameLayout(inputs, out.length)) return false;
+    const n = out.length;
+    const shape = split.base.shape;
+    const len = shape.length === 0 ? n : shape[shape.length - 1]!;
+    // Rows (the softmax's extent) are read whole, a block of them at a time.
+    if (n === 0 || len === 0 || len > WINDOW_VALUES) return false;
+    const step = Math.max(1, Math.floor(CHUNK_VALUES / len)) * len;
+    const B = Math.min(step, n);
+    const a = new Float32Array(B);
+    const b = new Float32Array(B);
+    const load = (start: number, count: number): void => {
+      split.base.read(start, a.subarray(0, count));
+      split.others[0]!.read(start, b.subarray(0, count));
+    };
+    const importance = new Float32Array(n);
+    const ea = new Float64Array(len);
+    const eb = new Float64Array(len);
+    for (let start = 0; start < n; start += step) {
+      const count = Math.min(step, n - start);
+      load(start, count);
+      importanceRows(a, b, count, len, importance.subarray(start, start + count), ea, eb);
+    }
+    const threshold = Math.fround(fusionThreshold(importance));
+    const res = new Float32Array(B);
+    for (let start = 0; start < n; start += step) {
+      const count = Math.min(step, n - start);
+      load(start, count);
+      for (let i = 0; i < count; i++) res[i] = importance[start + i]! >= threshold ? b[i]! : a[i]!;
+      out.write(start, res.subarray(0, count));
+    }
+    return true;
   },
 };
