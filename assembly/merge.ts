@@ -15,7 +15,7 @@
 
 let nanSeen: i32 = 0;
 
-/** 1 when a kernel has read a NaN input value since `clearNaN` (only where asked to track them). */
+/** 1 when a kernel has read a NaN input value or made a NaN result since `clearNaN` (only where asked to track them). */
 export function sawNaN(): i32 {
   return nanSeen;
 }
@@ -412,7 +412,7 @@ export function bucketKeys(pkeys: usize, len: i32, bucket: u32, plow: usize, ind
     if (scale) val = f32x4.mul(val, vlambda);
     const o = f32x4.add(b, val);
     // NaN outputs (whose payloads may differ from the TypeScript combine's) are noted.
-    if (deltas || exclude) mx = maxMagnitude(mx, o);
+    if (deltas || exclude || track) mx = maxMagnitude(mx, o);
     if (outBf16) {
       const isNan = i32x4.gt_u(v128.and(o, abs), i32x4.splat(0x7f800000));
       const hi = i32x4.shr_u(o, 16);
@@ -581,7 +581,7 @@ export function combineFiniteExcluding(pbase: usize, stride: usize, m: i32, n: i
  * Per model, `prm + 16k` holds the keep rule (thr: keys above it are kept; cut: with flag 64, a
  * key equal to thr is kept below this chunk-relative index) and the float32 weight (at +8).
  * flags: 1 sign consensus, 2 normalize, 4 scale by lambda, 8 BF16 input (else F32), 16 BF16
- * output (else F32), 32 note NaN inputs, 64 apply the ties rule, 128 the models' chunks hold
+ * output (else F32), 32 note NaN inputs and results, 64 apply the ties rule, 128 the models' chunks hold
  * float32 task vectors already (the unfused pipeline's sparsified ones: no x − base; F32 in and
  * out, no ties rule; NaN outputs are noted). `pscratch` holds 16 bytes per
  * model. All arithmetic is float32 (`lambda` and `scalarDiv` are float32 values).

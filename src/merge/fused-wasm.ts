@@ -306,7 +306,6 @@ export class WasmKernel implements Kernel {
   private readonly pOut: number;
   private readonly pHist: number;
   private readonly pLow: number;
-  private readonly track: boolean;
   private mem!: Buffer;
   private i32!: Int32Array;
   private f32!: Float32Array;
@@ -333,7 +332,6 @@ export class WasmKernel implements Kernel {
     this.n = storedLength(inputs[0]!);
     this.bf16 = inputs[0]!.dtype === 'BF16';
     this.size = this.bf16 ? 2 : 4;
-    this.track = inputs.some((v) => v.round !== undefined);
     this.outSize = out.dtype === 'F32' ? 4 : 2;
     this.outBuf = Buffer.from(out.data.buffer, out.data.byteOffset, out.data.byteLength);
     this.valid = inputs.map(() => false);
@@ -553,7 +551,10 @@ export class WasmKernel implements Kernel {
       (s.lambda !== 1 ? 4 : 0) |
       (this.bf16 ? 8 : 0) |
       (this.outSize === 2 ? 16 : 0) |
-      (this.track ? 32 : 0) |
+      // NaN inputs and results are noted (flag 32), and a tensor that meets one is redone in
+      // TypeScript: where NaNs of different signs or payloads meet (or Inf − Inf makes one),
+      // WebAssembly and V8 may pick different NaNs; the TypeScript kernel gives the unfused bytes.
+      32 |
       (ties ? 64 : 0);
     this.excluded ||= s.exclude;
     const fast = s.finite && s.consensus && !ties && M <= 4;
@@ -572,7 +573,7 @@ export class WasmKernel implements Kernel {
    * differ where NaNs of several models meet.
    */
   sawNaN(): boolean {
-    return (this.track || this.excluded) && this.k.sawNaN() !== 0;
+    return this.k.sawNaN() !== 0;
   }
 
   maxInput(): number {
