@@ -17,6 +17,11 @@
   return v128.load(p + (<usize>i << 2));
 }
 
+// @ts-ignore: decorator
+@inline function value(p: usize, i: i32, bf16: bool): f32 {
+  return bf16 ? reinterpret<f32>(<i32>load<u16>(p + (<usize>i << 1)) << 16) : load<f32>(p + (<usize>i << 2));
+}
+
 /** Stores four float32 results as BF16 or F32; returns a lane mask of NaN results. */
 // @ts-ignore: decorator
 @inline function store4(pout: usize, i: i32, o: v128, outBf16: bool): v128 {
@@ -113,8 +118,8 @@ export function lerpBlock(p0: usize, p1: usize, n: i32, a: f64, b: f64, flags: i
   let s1 = load<f64>(psums, 8);
   let s01 = load<f64>(psums, 16);
   for (let i = 0; i < n; i++) {
-    const a = <f64>(bf16 ? reinterpret<f32>(<i32>load<u16>(p0 + (<usize>i << 1)) << 16) : load<f32>(p0 + (<usize>i << 2)));
-    const b = <f64>(bf16 ? reinterpret<f32>(<i32>load<u16>(p1 + (<usize>i << 1)) << 16) : load<f32>(p1 + (<usize>i << 2)));
+    const a = <f64>value(p0, i, bf16);
+    const b = <f64>value(p1, i, bf16);
     s0 += a * a;
     s1 += b * b;
     s01 += a * b;
@@ -133,12 +138,8 @@ export function sumsBlock(p0: usize, p1: usize, n: i32, psums: usize, flags: i32
   else sumsImpl(p0, p1, n, psums, false);
 }
 
-/**
- * DARE keep-mask draws: xoshiro128** from the four u32 state words at `pstate` (updated), one
- * draw per value; `pout[i]` = 1 where the draw is below `threshold` (a float64 in [0, 2³²], or NaN
- * for none), else 0. The same stream and marks as `Rng.fillBernoulli` (src/tensor/rng.ts).
- */
-export function bernoulliFill(pstate: usize, pout: usize, n: i32, threshold: f64): void {
+// @ts-ignore: decorator
+@inline function bernoulliImpl(pstate: usize, pprob: usize, pout: usize, n: i32, threshold: f64, each: bool): void {
   let s0 = load<u32>(pstate);
   let s1 = load<u32>(pstate, 4);
   let s2 = load<u32>(pstate, 8);
@@ -152,7 +153,12 @@ export function bernoulliFill(pstate: usize, pout: usize, n: i32, threshold: f64
     s0 ^= s3;
     s2 ^= t;
     s3 = rotl<u32>(s3, 11);
-    store<u8>(pout + <usize>i, <f64>r < threshold ? 1 : 0);
+    let limit = threshold;
+    if (each) {
+      const p = <f64>load<f32>(pprob + (<usize>i << 2)) * 4294967296.0;
+      limit = p < 0 ? 0 : p > 4294967296.0 ? 4294967296.0 : p;
+    }
+    store<u8>(pout + <usize>i, <f64>r < limit ? 1 : 0);
   }
   store<u32>(pstate, s0);
   store<u32>(pstate, s1, 4);
@@ -160,9 +166,21 @@ export function bernoulliFill(pstate: usize, pout: usize, n: i32, threshold: f64
   store<u32>(pstate, s3, 12);
 }
 
-// @ts-ignore: decorator
-@inline function value(p: usize, i: i32, bf16: bool): f32 {
-  return bf16 ? reinterpret<f32>(<i32>load<u16>(p + (<usize>i << 1)) << 16) : load<f32>(p + (<usize>i << 2));
+/**
+ * DARE keep-mask draws: xoshiro128** from the four u32 state words at `pstate` (updated), one
+ * draw per value; `pout[i]` = 1 where the draw is below `threshold` (a float64 in [0, 2³²], or NaN
+ * for none), else 0. The same stream and marks as `Rng.fillBernoulli` (src/tensor/rng.ts).
+ */
+export function bernoulliFill(pstate: usize, pout: usize, n: i32, threshold: f64): void {
+  bernoulliImpl(pstate, 0, pout, n, threshold, false);
+}
+
+/**
+ * DELLA keep-mask draws: as `bernoulliFill` with a threshold per value, the float32 probability at
+ * `pprob` times 2³² clamped to [0, 2³²] (NaN: not kept), as `Rng.fillBernoulliEach`.
+ */
+export function bernoulliEach(pstate: usize, pprob: usize, pout: usize, n: i32): void {
+  bernoulliImpl(pstate, pprob, pout, n, 0, true);
 }
 
 /**
@@ -205,32 +223,4 @@ export function maskedDelta(px: usize, pb: usize, pmask: usize, n: i32, scale: f
     v128.store(pout + (<usize>i << 2), v);
   }
   return v128.any_true(nan) ? 1 : 0;
-}
-
-/**
- * DELLA keep-mask draws: as `bernoulliFill` with a threshold per value, the float32 probability at
- * `pprob` times 2³² clamped to [0, 2³²] (NaN: not kept), as `Rng.fillBernoulliEach`.
- */
-export function bernoulliEach(pstate: usize, pprob: usize, pout: usize, n: i32): void {
-  let s0 = load<u32>(pstate);
-  let s1 = load<u32>(pstate, 4);
-  let s2 = load<u32>(pstate, 8);
-  let s3 = load<u32>(pstate, 12);
-  for (let i = 0; i < n; i++) {
-    const r = rotl<u32>(s1 * 5, 7) * 9;
-    const t = s1 << 9;
-    s2 ^= s0;
-    s3 ^= s1;
-    s1 ^= s2;
-    s0 ^= s3;
-    s2 ^= t;
-    s3 = rotl<u32>(s3, 11);
-    const p = <f64>load<f32>(pprob + (<usize>i << 2)) * 4294967296.0;
-    const threshold = p < 0 ? 0 : p > 4294967296.0 ? 4294967296.0 : p;
-    store<u8>(pout + <usize>i, <f64>r < threshold ? 1 : 0);
-  }
-  store<u32>(pstate, s0);
-  store<u32>(pstate, s1, 4);
-  store<u32>(pstate, s2, 8);
-  store<u32>(pstate, s3, 12);
 }
