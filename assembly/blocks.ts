@@ -224,3 +224,32 @@ export function maskedDelta(px: usize, pb: usize, pmask: usize, n: i32, scale: f
   }
   return v128.any_true(nan) ? 1 : 0;
 }
+
+/**
+ * LoRA's update added to `rows` rows of W in place (`addLoraDelta`, src/lora/apply.ts): per row o,
+ * row = Σₖ B[o, k]·A[k, :] in float64 over k in order (skipping B[o, k] = 0), then
+ * W[o, :] = float32(W[o, :] + scale·row). A is [r, inF] and B [rows, r] float32, W [rows, inF]
+ * float32; `prow` holds inF float64 values of scratch (inF a multiple of 2 here).
+ */
+export function loraRows(pa: usize, pb: usize, pw: usize, prow: usize, r: i32, inF: i32, rows: i32, scale: f64): void {
+  const vscale = f64x2.splat(scale);
+  for (let o = 0; o < rows; o++) {
+    memory.fill(prow, 0, <usize>inF << 3);
+    for (let k = 0; k < r; k++) {
+      const bk = <f64>load<f32>(pb + ((<usize>o * <usize>r + <usize>k) << 2));
+      if (bk == 0) continue;
+      const vb = f64x2.splat(bk);
+      const pak = pa + ((<usize>k * <usize>inF) << 2);
+      for (let i = 0; i < inF; i += 2) {
+        const pr = prow + (<usize>i << 3);
+        v128.store(pr, f64x2.add(v128.load(pr), f64x2.mul(vb, f64x2.promote_low_f32x4(v128.load64_zero(pak + (<usize>i << 2))))));
+      }
+    }
+    const pwo = pw + ((<usize>o * <usize>inF) << 2);
+    for (let i = 0; i < inF; i += 2) {
+      const w = f64x2.promote_low_f32x4(v128.load64_zero(pwo + (<usize>i << 2)));
+      const v = f64x2.add(w, f64x2.mul(vscale, v128.load(prow + (<usize>i << 3))));
+      v128.store64_lane(pwo + (<usize>i << 2), f32x4.demote_f64x2_zero(v), 0);
+    }
+  }
+}

@@ -14,6 +14,7 @@ import { blockKernelsAvailable, fillBernoulliEachWasm, fillBernoulliWasm, useBlo
 import { computeTensor, type ComputeInput, type ComputeTask } from '../src/merge/worker.js';
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, type FloatDType } from '../src/tensor/dtype.js';
 import { Rng } from '../src/tensor/rng.js';
+import { addLoraDelta } from '../src/lora/apply.js';
 
 const root = await mkdtemp(join(tmpdir(), 'amalgam-chunked-'));
 after(() => rm(root, { recursive: true, force: true }));
@@ -306,5 +307,36 @@ test('fillBernoulliWasm draws the same marks as Rng.fillBernoulli and leaves the
     assert.equal(fillBernoulliWasm(b, got, threshold), true);
     assert.ok(Buffer.from(want).equals(Buffer.from(got)), `seed ${seed}`);
     assert.equal(a.nextU32(), b.nextU32(), 'the stream continues from the same state');
+  }
+});
+
+test('addLoraDelta: the WebAssembly kernel gives the TypeScript bytes (zeros in B, NaN and Inf, odd widths)', () => {
+  const rng = new Rng(31);
+  for (const [r, inF, outF, specials] of [
+    [8, 64, 48, false],
+    [16, 2048, 300, true],
+    [4, 33, 20, false],
+    [2, 6000, 700, false],
+  ] as const) {
+    const a = rng.fillNormal(new Float32Array(r * inF), 0.05);
+    const b = rng.fillNormal(new Float32Array(outF * r), 0.05);
+    for (let k = 0; k < b.length; k += 7) b[k] = 0;
+    const w = rng.fillNormal(new Float32Array(inF * outF), 0.02);
+    if (specials) {
+      a[5] = Infinity;
+      w[inF * 3 + 1] = NaN;
+      w[inF * 200] = -Infinity;
+    }
+    const module = { kind: 'linear' as const, rank: r, inFeatures: inF, outFeatures: outF, fanInFanOut: false };
+    const got = addLoraDelta(w.slice(), module, a, b, 2);
+    useBlockKernels(false);
+    let want: Float32Array;
+    try {
+      want = addLoraDelta(w.slice(), module, a, b, 2);
+    } finally {
+      useBlockKernels(true);
+    }
+    assert.ok(bytesOf({ bytes: new Uint8Array(got.buffer) }).equals(bytesOf({ bytes: new Uint8Array(want.buffer) })), `r=${r} ${outF}×${inF}`);
+    assert.notDeepEqual(Array.from(got.subarray(0, 8)), Array.from(w.subarray(0, 8)));
   }
 });

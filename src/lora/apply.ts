@@ -16,6 +16,7 @@
 import { readdir } from 'node:fs/promises';
 import { isAbsolute, join, resolve } from 'node:path';
 import { AmalgamError } from '../errors.js';
+import { loraAddWasm } from '../merge/blocks-wasm.js';
 import { copyFileWritable, withStagingDir } from '../io/atomic-dir.js';
 import { CONFIG_FILE, HF_EXTRA_FILES, readJsonObject, requireFolder } from '../io/hf.js';
 import { readPeftAdapter, targetsModule, type LoraModule, type PeftAdapter, type SavedModuleTensor } from '../io/peft.js';
@@ -174,17 +175,21 @@ export function addLoraDelta(w: Float32Array, module: Pick<LoraModule, 'kind' | 
   const transposed = module.kind === 'embedding' || module.fanInFanOut;
   if (!transposed) {
     const row = new Float64Array(inF);
-    for (let o = 0; o < outF; o++) {
-      row.fill(0);
-      for (let k = 0; k < r; k++) {
-        const bk = b[o * r + k]!;
-        if (bk === 0) continue;
-        const ar = k * inF;
-        for (let i = 0; i < inF; i++) row[i] += bk * a[ar + i]!;
+    const rows = (o0: number, o1: number): void => {
+      for (let o = o0; o < o1; o++) {
+        row.fill(0);
+        for (let k = 0; k < r; k++) {
+          const bk = b[o * r + k]!;
+          if (bk === 0) continue;
+          const ar = k * inF;
+          for (let i = 0; i < inF; i++) row[i] += bk * a[ar + i]!;
+        }
+        const wr = o * inF;
+        for (let i = 0; i < inF; i++) w[wr + i] = w[wr + i]! + scale * row[i]!;
       }
-      const wr = o * inF;
-      for (let i = 0; i < inF; i++) w[wr + i] = w[wr + i]! + scale * row[i]!;
-    }
+    };
+    // WebAssembly SIMD where built (the same float64 arithmetic; rows with a NaN redone here).
+    if (!loraAddWasm(w, a, b, r, inF, outF, scale, rows)) rows(0, outF);
   } else {
     const col = new Float64Array(r);
     for (let i = 0; i < inF; i++) {

@@ -23,6 +23,7 @@ interface BlockExports {
   bernoulliEach(pstate: number, pprob: number, pout: number, n: number): void;
   l1Masked(px: number, pb: number, pmask: number, n: number, psums: number, flags: number): void;
   maskedDelta(px: number, pb: number, pmask: number, n: number, scale: number, flags: number, pout: number): number;
+  loraRows(pa: number, pb: number, pw: number, prow: number, r: number, inF: number, rows: number, scale: number): void;
 }
 
 interface BlockState {
@@ -292,6 +293,54 @@ export function maskedDeltaWasm(x: Stored | undefined, b: Stored | undefined, ma
     mk.fill(0, len);
     if (s.exports.maskedDelta(m.px, m.pb, m.pmask, padded, scale ?? 1, flags, m.pout)) return false;
     dst.set(new Float32Array(m.mem, m.pout, len), from);
+  }
+  return true;
+}
+
+/** Bytes of W per call of the LoRA kernel. */
+const LORA_BLOCK_BYTES = 1 << 22;
+
+/**
+ * LoRA's W += s·B·A for W [outF, inF] row-major (`addLoraDelta`'s untransposed case) in
+ * WebAssembly, rows a block at a time; `jsRows(o0, o1)` computes rows whose results hold a NaN
+ * (the bits of a NaN may differ). False, having changed nothing, where the kernels are not
+ * available or inF is odd.
+ */
+export function loraAddWasm(
+  w: Float32Array,
+  a: Float32Array,
+  b: Float32Array,
+  r: number,
+  inF: number,
+  outF: number,
+  scale: number,
+  jsRows: (o0: number, o1: number) => void,
+): boolean {
+  const s = blockWasm();
+  if (!s || inF % 2 !== 0 || inF === 0) return false;
+  const rowsPer = Math.max(1, Math.floor(LORA_BLOCK_BYTES / (4 * inF)));
+  const pa = BASE;
+  const pb = pa + Math.ceil((4 * r * inF) / 16) * 16;
+  const prow = pb + Math.ceil((4 * r * rowsPer) / 16) * 16;
+  const pw = prow + 8 * inF;
+  const mem = memoryFor(s, pw + 4 * inF * rowsPer);
+  if (!mem) return false;
+  new Float32Array(mem, pa, r * inF).set(a);
+  for (let o0 = 0; o0 < outF; o0 += rowsPer) {
+    const rows = Math.min(rowsPer, outF - o0);
+    new Float32Array(mem, pb, rows * r).set(b.subarray(o0 * r, (o0 + rows) * r));
+    const wv = new Float32Array(mem, pw, rows * inF);
+    wv.set(w.subarray(o0 * inF, (o0 + rows) * inF));
+    s.exports.loraRows(pa, pb, pw, prow, r, inF, rows, scale);
+    let nan = false;
+    for (let i = 0; i < wv.length; i++) {
+      if (wv[i] !== wv[i]) {
+        nan = true;
+        break;
+      }
+    }
+    if (nan) jsRows(o0, o0 + rows);
+    else w.set(wv, o0 * inF);
   }
   return true;
 }
