@@ -269,7 +269,12 @@ export class AdaptedTensorSource implements RawIntoSource {
     if (!act) return this.base.readF32(name);
     const info = this.base.info(name);
     if (act.kind === 'replace') return roundToStored(info.dtype, (await this.adapter.source.readF32(act.saved.name)).slice());
-    const m = act.module;
+    return roundToStored(info.dtype, await this.updated(name, act.module));
+  }
+
+  /** W + s·B·A of a LoRA module's tensor in float32, before rounding to the stored dtype. */
+  private async updated(name: string, m: LoraModule): Promise<Float32Array> {
+    const info = this.base.info(name);
     // PEFT loads a weight the adapter saves for the module into the base layer before adding the update.
     const readW = m.baseName !== undefined ? this.adapter.source.readF32(m.baseName).then((v) => v.slice()) : this.base.readF32(name);
     const [w, a, b] = await Promise.all([readW, this.adapter.source.readF32(m.aName), this.adapter.source.readF32(m.bName)]);
@@ -277,8 +282,7 @@ export class AdaptedTensorSource implements RawIntoSource {
     if (out.length !== numel(info.shape)) {
       throw new AmalgamError('E_SHAPE', `read ${out.length} values, expected ${numel(info.shape)}`, { file: this.base.path, key: name });
     }
-    addLoraDelta(out, m, a, b, m.scaling);
-    return roundToStored(info.dtype, out);
+    return addLoraDelta(out, m, a, b, m.scaling);
   }
 
   async readRaw(name: string): Promise<Uint8Array> {
@@ -286,7 +290,8 @@ export class AdaptedTensorSource implements RawIntoSource {
     if (!act) return this.base.readRaw(name);
     const info = this.base.info(name);
     if (act.kind === 'replace' && this.adapter.source.info(act.saved.name).dtype === info.dtype) return this.adapter.source.readRaw(act.saved.name);
-    const data = await this.readF32(name);
+    // Encoding rounds to the stored dtype once (rounding first, as readF32 does, gives the same bytes).
+    const data = act.kind === 'lora' ? await this.updated(name, act.module) : await this.readF32(name);
     return encodeFromF32(info.dtype, data);
   }
 
