@@ -6,7 +6,7 @@
 import { AmalgamError } from '../errors.js';
 import { copyOf, maskSourceOf, output, splitBase } from './common.js';
 import { globalBool, globalNumber, modelNumber, resolvedModelNumber } from './params.js';
-import { checkDellaEpsilon, dellaProbabilities, RESCALE_EPS, sparsify, zeroedWarning, type SparsifyMethod } from './sparsify.js';
+import { checkDellaEpsilon, dellaProbabilities, outliersCounts, RESCALE_EPS, sparsify, zeroedWarning, type SparsifyMethod } from './sparsify.js';
 import { cutSubmatrix, sameShape, shapeString, subtract } from './tensor-ops.js';
 import type { MaskSource, MergeContext, MergeInput, MergeMethod, MergeOutput, ParamSpec, ResolvedParams, ValidateContext } from './types.js';
 import { fusedGta } from './fused.js';
@@ -291,13 +291,7 @@ export function fusedApplies(v: GtaVariant, rescale: unknown): boolean {
  * comparisons as `descendingRangeMask`, so that any density and gamma (NaN included) give its mask.
  */
 function outliersRange(n: number, density: number, gamma: number): { keep: number | null; drop: number } {
-  const target = Math.trunc(density * n);
-  let nTop = Math.trunc(gamma * n);
-  let nBot = n - target - nTop;
-  if (nBot < 0) {
-    nTop += nBot;
-    nBot = 0;
-  }
+  const { nTop, nBot } = outliersCounts(n, density, gamma);
   const from = Math.max(0, nTop);
   const to = Math.min(n, n - nBot);
   if (to <= from) return { keep: 0, drop: 0 };

@@ -59,7 +59,12 @@ export function magnitudeMask(delta: Float32Array, density: number): Uint8Array 
  */
 export function magnitudeOutliersMask(delta: Float32Array, density: number, gamma: number): Uint8Array | null {
   if (density >= 1) return null;
-  const n = delta.length;
+  const { nTop, nBot } = outliersCounts(delta.length, density, gamma);
+  return descendingRangeMask(magnitudeKeys(delta), nTop, delta.length - nBot);
+}
+
+/** Breadcrumbs' n_top (largest magnitudes dropped) and n_bot (smallest dropped) over n values. */
+export function outliersCounts(n: number, density: number, gamma: number): { nTop: number; nBot: number } {
   const target = Math.trunc(density * n);
   let nTop = Math.trunc(gamma * n);
   let nBot = n - target - nTop;
@@ -67,7 +72,7 @@ export function magnitudeOutliersMask(delta: Float32Array, density: number, gamm
     nTop += nBot;
     nBot = 0;
   }
-  return descendingRangeMask(magnitudeKeys(delta), nTop, n - nBot);
+  return { nTop, nBot };
 }
 
 /** Row layout DELLA ranks over: dim 1 of the tensor, a 1-D tensor being a single row. */

@@ -208,7 +208,16 @@ function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<strin
   const { out, buf, at, outBytes } = storedOutput(task, task.outDtype);
   const base = inputs.find((i) => i.model === task.base);
   if (!base || base.shape.length !== task.outShape.length || base.shape.some((d, k) => d !== task.outShape[k])) return undefined;
-  const ctx = {
+  const ctx = storedContext(task, warnings);
+  // With areas for preloading, the kernel memory past them is not the kernel's to hold inputs in.
+  const opts = preloaded ? { preloaded } : task.residentBytes && !task.prefetch ? { residentBytes: task.residentBytes } : {};
+  if (!fusedMerge(v, ctx, inputs, out, opts)) return undefined;
+  return new Uint8Array(buf, at, outBytes);
+}
+
+/** The merge context of a task whose inputs are given as stored (no float32 inputs); warnings go to `warnings`. */
+function storedContext(task: ComputeTask, warnings: string[]): Omit<MergeContext, 'inputs'> {
+  return {
     tensorName: task.tensorName,
     isEmbed: task.isEmbed,
     isOptional: task.isOptional,
@@ -216,10 +225,6 @@ function computeStoredWith(task: ComputeTask, warnings: string[], fds: Map<strin
     params: task.params,
     warn: (m: string) => warnings.push(m),
   };
-  // With areas for preloading, the kernel memory past them is not the kernel's to hold inputs in.
-  const opts = preloaded ? { preloaded } : task.residentBytes && !task.prefetch ? { residentBytes: task.residentBytes } : {};
-  if (!fusedMerge(v, ctx, inputs, out, opts)) return undefined;
-  return new Uint8Array(buf, at, outBytes);
 }
 
 /** The output's stored values in the task's `outBuffer` (at `outOffset`), else in new memory. */
@@ -254,14 +259,7 @@ function computeChunked(task: ComputeTask, warnings: string[], fds: Map<string, 
     inputs.push(chunkedInput(i.model, i.shape, values));
   }
   const { out, buf, at, outBytes } = storedOutput(task, task.outDtype);
-  const ctx: Omit<MergeContext, 'inputs'> = {
-    tensorName: task.tensorName,
-    isEmbed: task.isEmbed,
-    isOptional: task.isOptional,
-    base: task.base,
-    params: task.params,
-    warn: (m: string) => warnings.push(m),
-  };
+  const ctx = storedContext(task, warnings);
   if (method.randomized) ctx.rng = randomSource(task, method.name);
   if (!method.mergeChunked(ctx, inputs, chunkWriter(out))) return undefined;
   return new Uint8Array(buf, at, outBytes);
